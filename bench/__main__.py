@@ -1,0 +1,61 @@
+"""Run the benchmark suite.
+
+Usage:
+    python -m bench                     # every benchmark, full sizes (needs a GPU to mean anything)
+    python -m bench attention norm      # a chosen subset
+    python -m bench --quick             # tiny sizes: checks on CPU that every benchmark runs
+    python -m bench --list
+
+Each benchmark is a module `bench/<name>.py` with `main(quick: bool) -> list[dict]` that
+prints its own table and writes its JSON under bench/results/; this runner prints one
+summary table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+import time
+import traceback
+
+# Benchmarks in the order they run; a module that does not exist yet is skipped with a note.
+BENCHMARKS = ["attention", "grpo_ops", "glue", "engine", "dit", "reward", "e2e"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help=f"subset of: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes; checks that each benchmark runs")
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args(argv)
+    if args.list:
+        print("\n".join(BENCHMARKS))
+        return 0
+    unknown = [n for n in args.names if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {BENCHMARKS}")
+    from bench.common import format_table
+
+    summary, failed = [], 0
+    for name in args.names or BENCHMARKS:
+        if importlib.util.find_spec(f"bench.{name}") is None:
+            summary.append({"benchmark": name, "status": "not built yet", "rows": 0, "seconds": 0.0})
+            continue
+        t0 = time.perf_counter()
+        try:
+            rows = importlib.import_module(f"bench.{name}").main(quick=args.quick)
+            summary.append({"benchmark": name, "status": "ok", "rows": len(rows or []),
+                            "seconds": time.perf_counter() - t0})
+        except Exception:  # keep going: one broken benchmark must not hide the others' numbers
+            traceback.print_exc()
+            failed += 1
+            summary.append({"benchmark": name, "status": "FAILED", "rows": 0, "seconds": time.perf_counter() - t0})
+    print("\n== summary")
+    print(format_table(summary))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
