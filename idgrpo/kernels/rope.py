@@ -1,0 +1,94 @@
+"""Rotary position embeddings: Wan's 3-D RoPE (interleaved pairs) and Qwen2.5-VL's M-RoPE
+(rotate-half pairs), both applied by one op with a pairing flag.
+
+Spec: MODELS.md §1.4 (Wan: head_dim split d_t = d - 4*floor(d/6), d_h = d_w = 2*floor(d/6),
+each axis with its own exponent denominator, theta 10000, interleaved (2i, 2i+1) pairs) and
+§7.3 (Qwen: inv_freq = theta^(-2k/D), sections [16, 24, 24] over the D/2 frequency slots,
+rotate-half pairs (i, i + D/2)). Tables are built in float64 and stored in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from idgrpo.kernels.backend import resolve
+
+
+def wan_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """Real channels of head_dim carried by the (t, h, w) axes: 128 -> (44, 42, 42)."""
+    d_hw = 2 * (head_dim // 6)
+    d_t = head_dim - 2 * d_hw
+    if head_dim % 2 or d_t <= 0 or d_hw <= 0:
+        raise ValueError(f"head_dim={head_dim}: need an even head_dim >= 6")
+    return d_t, d_hw, d_hw
+
+
+def wan_rope_table(grid_sizes: tuple[int, int, int], head_dim: int, theta: float = 10000.0,
+                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin fp32 (L, head_dim // 2) for a (F, H, W) token grid flattened row-major (f, h, w)."""
+    frames, height, width = (int(s) for s in grid_sizes)
+    angles = []  # per axis: (L, d_a // 2)
+    grids = torch.meshgrid(torch.arange(frames, dtype=torch.float64), torch.arange(height, dtype=torch.float64),
+                           torch.arange(width, dtype=torch.float64), indexing="ij")
+    for pos, d_a in zip(grids, wan_axis_dims(head_dim)):
+        inv_freq = theta ** (-torch.arange(0, d_a, 2, dtype=torch.float64) / d_a)  # (d_a // 2,)
+        angles.append(pos.reshape(-1, 1) * inv_freq)
+    angle = torch.cat(angles, dim=-1)  # (L, head_dim // 2)
+    return angle.cos().float().to(device), angle.sin().float().to(device)
+
+
+def mrope_table(position_ids: torch.Tensor, head_dim: int, sections: tuple[int, ...] = (16, 24, 24),
+                theta: float = 1_000_000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2.5-VL M-RoPE: position_ids (3, B, L) -> cos/sin fp32 (B, L, head_dim // 2) for
+    `apply_rope(..., interleaved=False)`. Frequency slot k takes its position from the
+    (t, h, w) row whose section contains k."""
+    if position_ids.dim() != 3 or position_ids.shape[0] != len(sections):
+        raise ValueError(f"position_ids must be ({len(sections)}, B, L), got {tuple(position_ids.shape)}")
+    if sum(sections) != head_dim // 2:
+        raise ValueError(f"sections {sections} must sum to head_dim // 2 = {head_dim // 2}")
+    device = position_ids.device
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)  # (D/2,)
+    row_of_slot = torch.repeat_interleave(torch.arange(len(sections), device=device),
+                                          torch.tensor(sections, device=device))  # (D/2,)
+    pos = position_ids.to(torch.float64)[row_of_slot]  # (D/2, B, L)
+    angle = pos.permute(1, 2, 0) * inv_freq  # (B, L, D/2)
+    return angle.cos().float(), angle.sin().float()
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                         interleaved: bool = True) -> torch.Tensor:
+    B, L, H, D = x.shape  # (B, L, H, D)
+    n = cos.shape[-2]  # tokens covered by the table; the rest (padding) pass through
+    if n > L:
+        raise ValueError(f"table covers {n} tokens but x has {L}")
+    ct = torch.promote_types(torch.promote_types(x.dtype, torch.float32), cos.dtype)
+    c = cos.to(ct).reshape(-1, n, 1, D // 2)  # (B or 1, n, 1, D/2)
+    s = sin.to(ct).reshape(-1, n, 1, D // 2)
+    xr = x[:, :n].to(ct)
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rotated = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr[..., : D // 2], xr[..., D // 2:]
+        rotated = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    return torch.cat((rotated.to(x.dtype), x[:, n:]), dim=1)
+
+
+# ----------------------------------------------------------------------------- public op
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = True,
+               backend: str | None = None) -> torch.Tensor:
+    """Rotate x (B, L, H, D) by cos/sin (L', D/2) or (B, L', D/2), L' <= L; tokens >= L' unchanged.
+    interleaved=True pairs (2i, 2i+1) (Wan); False pairs (i, i + D/2) (Qwen rotate-half)."""
+    if resolve(backend, x, cos, sin) == "triton":
+        return _triton_apply_rope(x, cos, sin, interleaved)
+    return apply_rope_reference(x, cos, sin, interleaved=interleaved)
+
+
+# Note: the Triton kernel lands in the next commit; until then CUDA callers get the reference.
+def _triton_apply_rope(x, cos, sin, interleaved):
+    return apply_rope_reference(x, cos, sin, interleaved=interleaved)
