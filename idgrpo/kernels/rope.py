@@ -10,6 +10,8 @@ rotate-half pairs (i, i + D/2)). Tables are built in float64 and stored in fp32.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from idgrpo.kernels.backend import resolve
 
@@ -77,6 +79,80 @@ def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     return torch.cat((rotated.to(x.dtype), x[:, n:]), dim=1)
 
 
+# ----------------------------------------------------------------------------- Triton kernel
+
+
+@triton.jit
+def _rope_kernel(X, COS, SIN, OUT, L, H, n_table, half,
+                 stride_xb, stride_xl, stride_xh, stride_ob, stride_ol, stride_oh, stride_cb, stride_cl,
+                 INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    # One program per token (b, l), all heads: (BLOCK_H, BLOCK_P) complex pairs. Pair i is
+    # channels (2i, 2i+1) when INTERLEAVED (Wan) and (i, i + D/2) otherwise (rotate-half, Qwen).
+    # INVERSE rotates by -angle: the backward of a rotation is its transpose.
+    token = tl.program_id(0)
+    b = (token // L).to(tl.int64)
+    l = (token % L).to(tl.int64)
+    heads = tl.arange(0, BLOCK_H)
+    pairs = tl.arange(0, BLOCK_P)
+    mask = (heads < H)[:, None] & (pairs < half)[None, :]
+    if INTERLEAVED:
+        first, second = 2 * pairs, 2 * pairs + 1
+    else:
+        first, second = pairs, pairs + half
+    x_row = X + b * stride_xb + l * stride_xl + heads[:, None] * stride_xh
+    x1 = tl.load(x_row + first[None, :], mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_row + second[None, :], mask=mask, other=0.0).to(tl.float32)
+    # Tokens past the table (padding) pass through unchanged (selected, not rotated by 0).
+    in_table = (l + 0 * pairs) < n_table  # (BLOCK_P,): a tensor, as masks must be
+    table = b * stride_cb + l * stride_cl + pairs
+    c = tl.load(COS + table, mask=(pairs < half) & in_table, other=1.0)[None, :]
+    s = tl.load(SIN + table, mask=(pairs < half) & in_table, other=0.0)[None, :]
+    in_table = in_table[None, :]
+    if INVERSE:
+        s = -s
+    y1 = tl.where(in_table, x1 * c - x2 * s, x1)
+    y2 = tl.where(in_table, x2 * c + x1 * s, x2)
+    o_row = OUT + b * stride_ob + l * stride_ol + heads[:, None] * stride_oh
+    tl.store(o_row + first[None, :], y1.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(o_row + second[None, :], y2.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, inverse: bool):
+    B, L, H, D = x.shape  # (B, L, H, D)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    n = cos.shape[-2]
+    if n > L:
+        raise ValueError(f"table covers {n} tokens but x has {L}")
+    cos = cos.float().contiguous()
+    sin = sin.float().contiguous()
+    if cos.shape != sin.shape or cos.shape[-1] != D // 2 or cos.dim() not in (2, 3):
+        raise ValueError(f"cos/sin must be (L, {D // 2}) or (B, L, {D // 2}), got {tuple(cos.shape)}")
+    stride_cb = 0 if cos.dim() == 2 or cos.shape[0] == 1 else cos.stride(0)
+    out = torch.empty((B, L, H, D), dtype=x.dtype, device=x.device)
+    block_h, block_p = triton.next_power_of_2(H), triton.next_power_of_2(D // 2)
+    _rope_kernel[(B * L,)](
+        x, cos, sin, out, L, H, n, D // 2,
+        x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        stride_cb, cos.stride(-2),
+        INTERLEAVED=interleaved, INVERSE=inverse, BLOCK_H=block_h, BLOCK_P=block_p,
+        num_warps=4 if block_h * block_p <= 2048 else 8)
+    return out
+
+
+class _ApplyRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin, interleaved):
+        ctx.save_for_backward(cos, sin)
+        ctx.interleaved = interleaved
+        return _rope_launch(x, cos, sin, interleaved, inverse=False)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return _rope_launch(dy, cos, sin, ctx.interleaved, inverse=True), None, None, None
+
+
 # ----------------------------------------------------------------------------- public op
 
 
@@ -85,10 +161,5 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interle
     """Rotate x (B, L, H, D) by cos/sin (L', D/2) or (B, L', D/2), L' <= L; tokens >= L' unchanged.
     interleaved=True pairs (2i, 2i+1) (Wan); False pairs (i, i + D/2) (Qwen rotate-half)."""
     if resolve(backend, x, cos, sin) == "triton":
-        return _triton_apply_rope(x, cos, sin, interleaved)
-    return apply_rope_reference(x, cos, sin, interleaved=interleaved)
-
-
-# Note: the Triton kernel lands in the next commit; until then CUDA callers get the reference.
-def _triton_apply_rope(x, cos, sin, interleaved):
+        return _ApplyRope.apply(x, cos, sin, interleaved)
     return apply_rope_reference(x, cos, sin, interleaved=interleaved)
