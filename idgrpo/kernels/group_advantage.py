@@ -29,7 +29,13 @@ from typing import NamedTuple
 
 import torch
 
-from idgrpo.kernels.backend import resolve
+from idgrpo.kernels.backend import interpreting, resolve
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference path works without triton
+    triton = None
 
 
 class GroupAdvantage(NamedTuple):
@@ -114,14 +120,163 @@ def group_advantage_reference(rewards, group_ids, *, std="group", eps=1e-4, unbi
     return result
 
 
+# ---------------------------------------------------------------------------------------------
+# Triton: samples are sorted by group id on device (sort + cumsum + scatter, no host read);
+# then ONE launch with one program per (group, block of reward columns) walks its members in
+# sorted order: pass 1 count/sum/min/max, pass 2 centred squares, pass 3 advantages. Every sum
+# runs in a fixed order in fp32, so the result is deterministic. With std="global" each
+# program also reduces the whole batch (the same fixed-order sum in every program).
+
+if triton is not None:
+
+    @triton.jit
+    def _group_advantage_kernel(rewards_ptr, perm_ptr, seg_start_ptr, adv_ptr, mean_ptr, std_ptr, count_ptr,
+                                zero_ptr, nonfinite_ptr, N, T, eps, clip,
+                                DDOF: tl.constexpr, GLOBAL_STD: tl.constexpr, HAS_CLIP: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_ALL: tl.constexpr):
+        g, col_block = tl.program_id(0), tl.program_id(1)
+        cols = col_block * BLOCK_T + tl.arange(0, BLOCK_T)
+        col_mask = cols < T
+        start = tl.load(seg_start_ptr + g)
+        end = tl.load(seg_start_ptr + g + 1)
+
+        total = tl.zeros((BLOCK_T,), tl.float32)
+        count = tl.zeros((BLOCK_T,), tl.int32)
+        nonfinite = tl.zeros((BLOCK_T,), tl.int32)
+        hi = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+        lo = tl.full((BLOCK_T,), float("inf"), tl.float32)
+        for k in range(start, end, BLOCK_M):
+            rows = k + tl.arange(0, BLOCK_M)
+            row_mask = rows < end
+            idx = tl.load(perm_ptr + rows, mask=row_mask, other=0)
+            mask = row_mask[:, None] & col_mask[None, :]
+            r = tl.load(rewards_ptr + idx[:, None] * T + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            finite = mask & (tl.abs(r) < float("inf"))  # false for NaN too
+            total += tl.sum(tl.where(finite, r, 0.0), axis=0)
+            count += tl.sum(finite.to(tl.int32), axis=0)
+            nonfinite += tl.sum((mask & ~finite).to(tl.int32), axis=0)
+            hi = tl.maximum(hi, tl.max(tl.where(finite, r, float("-inf")), axis=0))
+            lo = tl.minimum(lo, tl.min(tl.where(finite, r, float("inf")), axis=0))
+        mean = total / tl.maximum(count, 1).to(tl.float32)
+
+        squares = tl.zeros((BLOCK_T,), tl.float32)
+        for k in range(start, end, BLOCK_M):
+            rows = k + tl.arange(0, BLOCK_M)
+            row_mask = rows < end
+            idx = tl.load(perm_ptr + rows, mask=row_mask, other=0)
+            mask = row_mask[:, None] & col_mask[None, :]
+            r = tl.load(rewards_ptr + idx[:, None] * T + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            finite = mask & (tl.abs(r) < float("inf"))
+            centered = tl.where(finite, r - mean[None, :], 0.0)
+            squares += tl.sum(centered * centered, axis=0)
+        # A group whose finite rewards are all equal has std exactly 0, whatever rounding
+        # the centred sum picked up.
+        zero_std = (count <= DDOF) | ~(hi > lo)
+        std = tl.where(zero_std, 0.0, tl.sqrt(squares / tl.maximum(count - DDOF, 1).to(tl.float32)))
+
+        if GLOBAL_STD:
+            g_total = tl.zeros((BLOCK_T,), tl.float32)
+            g_count = tl.zeros((BLOCK_T,), tl.int32)
+            for k in range(0, N, BLOCK_ALL):
+                rows = k + tl.arange(0, BLOCK_ALL)
+                mask = (rows < N)[:, None] & col_mask[None, :]
+                r = tl.load(rewards_ptr + rows[:, None] * T + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                finite = mask & (tl.abs(r) < float("inf"))
+                g_total += tl.sum(tl.where(finite, r, 0.0), axis=0)
+                g_count += tl.sum(finite.to(tl.int32), axis=0)
+            g_mean = g_total / tl.maximum(g_count, 1).to(tl.float32)
+            g_squares = tl.zeros((BLOCK_T,), tl.float32)
+            for k in range(0, N, BLOCK_ALL):
+                rows = k + tl.arange(0, BLOCK_ALL)
+                mask = (rows < N)[:, None] & col_mask[None, :]
+                r = tl.load(rewards_ptr + rows[:, None] * T + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                finite = mask & (tl.abs(r) < float("inf"))
+                centered = tl.where(finite, r - g_mean[None, :], 0.0)
+                g_squares += tl.sum(centered * centered, axis=0)
+            denominator = tl.sqrt(g_squares / tl.maximum(g_count - DDOF, 1).to(tl.float32)) + eps
+        else:
+            denominator = std + eps
+
+        for k in range(start, end, BLOCK_M):
+            rows = k + tl.arange(0, BLOCK_M)
+            row_mask = rows < end
+            idx = tl.load(perm_ptr + rows, mask=row_mask, other=0)
+            mask = row_mask[:, None] & col_mask[None, :]
+            offs = idx[:, None] * T + cols[None, :]
+            r = tl.load(rewards_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            finite = mask & (tl.abs(r) < float("inf"))
+            adv = (r - mean[None, :]) / denominator[None, :]
+            if HAS_CLIP:
+                adv = tl.minimum(tl.maximum(adv, -clip), clip)
+            adv = tl.where(finite & ~zero_std[None, :], adv, 0.0)
+            tl.store(adv_ptr + offs, adv, mask=mask)
+
+        out = g * T + cols
+        tl.store(mean_ptr + out, mean, mask=col_mask)
+        tl.store(std_ptr + out, std, mask=col_mask)
+        tl.store(count_ptr + out, count.to(tl.int64), mask=col_mask)
+        tl.store(zero_ptr + out, zero_std.to(tl.float32), mask=col_mask)
+        tl.store(nonfinite_ptr + out, nonfinite.to(tl.int64), mask=col_mask)
+
+
+def _group_advantage_triton(rewards, group_ids, *, std, eps, unbiased, clip, num_groups):
+    _check(rewards, group_ids, std, eps, clip)
+    N = rewards.shape[0]
+    if N == 0:
+        return group_advantage_reference(rewards, group_ids, std=std, eps=eps, unbiased=unbiased, clip=clip)
+    squeeze = rewards.ndim == 1
+    r = rewards.reshape(N, -1).contiguous()  # (N, T)
+    T = r.shape[1]
+    device = r.device
+    # Compact the ids without reading anything back: sort, mark where the id changes, and
+    # number the groups by a prefix sum (the order of torch.unique).
+    sorted_ids, perm = torch.sort(group_ids.to(device=device, dtype=torch.int64), stable=True)
+    group_of_sorted = torch.zeros(N, dtype=torch.int64, device=device)  # (N,)
+    torch.cumsum(sorted_ids[1:] != sorted_ids[:-1], 0, out=group_of_sorted[1:])
+    if num_groups is None:
+        num_groups = int(group_of_sorted[-1]) + 1  # the one host read; pass num_groups to avoid it
+    else:
+        torch._assert_async(group_of_sorted[-1] + 1 == num_groups,
+                            "group_advantage: num_groups differs from the number of distinct group ids")
+    G = num_groups
+    # seg_start[g] = first sorted position of group g; seg_start[G] = N closes the last group.
+    seg_start = torch.full((G + 1,), N, dtype=torch.int64, device=device)
+    seg_start.scatter_reduce_(0, group_of_sorted.clamp_max(G), torch.arange(N, device=device), "amin")
+
+    out_dtype = torch.promote_types(rewards.dtype, torch.float32)
+    adv = torch.empty(N, T, dtype=torch.float32, device=device)
+    mean = torch.empty(G, T, dtype=torch.float32, device=device)
+    group_std = torch.empty_like(mean)
+    zero = torch.empty_like(mean)
+    count = torch.empty(G, T, dtype=torch.int64, device=device)
+    nonfinite = torch.empty_like(count)
+    BLOCK_T = min(triton.next_power_of_2(T), 16)
+    _group_advantage_kernel[(G, triton.cdiv(T, BLOCK_T))](
+        r, perm, seg_start, adv, mean, group_std, count, zero, nonfinite, N, T, float(eps),
+        float(clip) if clip is not None else 0.0,
+        DDOF=1 if unbiased else 0, GLOBAL_STD=std == "global", HAS_CLIP=clip is not None,
+        BLOCK_M=16, BLOCK_T=BLOCK_T, BLOCK_ALL=64 if interpreting() else 512)
+    result = GroupAdvantage(
+        advantages=adv.to(out_dtype), group_mean=mean.to(out_dtype), group_std=group_std.to(out_dtype),
+        group_count=count, zero_std_fraction=zero.mean(0).to(out_dtype), nonfinite_count=nonfinite.sum())
+    if squeeze:
+        result = result._replace(advantages=result.advantages[:, 0], group_mean=result.group_mean[:, 0],
+                                 group_std=result.group_std[:, 0], group_count=result.group_count[:, 0],
+                                 zero_std_fraction=result.zero_std_fraction[0])
+    return result
+
+
 def group_advantage(rewards, group_ids, *, std="group", eps=1e-4, unbiased=False, clip=5.0, num_groups=None,
                     backend=None) -> GroupAdvantage:
     """Group-normalised, clipped advantages and per-group statistics (see the module docstring).
 
     rewards: (N,) or (N, T) float on any device; group_ids: (N,) integer ids.
-    num_groups: the number of distinct ids when the caller knows it. Passing it keeps the
-    Triton path free of host syncs; without it the wrapper reads that one number back.
+    num_groups: the number of distinct ids when the caller knows it (e.g. prompts per batch).
+    Passing it keeps the Triton path free of host syncs; without it the wrapper reads that
+    one number back from the device.
     """
-    resolve(backend, rewards, group_ids)  # validates `backend`; the Triton kernel is not in yet
-    return group_advantage_reference(rewards, group_ids, std=std, eps=eps, unbiased=unbiased, clip=clip,
-                                     num_groups=num_groups)
+    if resolve(backend, rewards, group_ids) == "reference":
+        return group_advantage_reference(rewards, group_ids, std=std, eps=eps, unbiased=unbiased, clip=clip,
+                                         num_groups=num_groups)
+    return _group_advantage_triton(rewards, group_ids, std=std, eps=eps, unbiased=unbiased, clip=clip,
+                                   num_groups=num_groups)
