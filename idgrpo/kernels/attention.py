@@ -10,6 +10,28 @@ One function serves every attention in the project:
 Conventions: layout (B, L, H, D) (what the projections produce: no transposes around the
 call); causal masks are bottom-right aligned (query i sees key j iff j <= i + Lk - Lq,
 the flash-attn convention); a query row that sees no key at all returns 0 (not NaN).
+
+Design of the Triton path (FlashAttention-2 style):
+
+- Forward: one program per (query block, head, sequence). It loads its query tile once
+  and loops over key tiles with an online softmax (running max and sum in fp32, exp2 with
+  the scale folded in); it writes O and the row log-sum-exp (log2 units, +inf for rows
+  that see no key) for the backward. Causal programs stop at their last row's diagonal.
+- Backward: a small kernel computes delta = rowsum(dO * O); one kernel per
+  (key block, kv head, sequence) accumulates dk and dv over all query tiles of all query
+  heads of its GQA group, and a separate kernel per (query block, head, sequence)
+  accumulates dq over key tiles. Each gradient element is owned by exactly one program,
+  so there are no atomics: results do not depend on scheduling.
+- Determinism and batch invariance: every sum runs in a fixed order inside one program,
+  the tile being reduced over has a fixed size whatever config the autotuner picks, and
+  the autotune key leaves out the batch size (Note [fixed reduction tiles]). A sample is
+  bitwise identical alone or inside a batch; a run is bitwise identical to the next.
+- Varlen and GQA map onto the same grid: the grid's third axis is the sample (dense) or
+  the sequence (varlen: the batch stride is 0 and each program reads its start and length
+  from cu_seqlens; programs past a short sequence's end return at once); query head h
+  reads kv head h // (H // Hkv), so GQA needs no copy of k and v.
+- Head dims that are not powers of two (80) run in the next power-of-two tile (128) with
+  masked loads. fp32 inputs use IEEE fp32 dots (no TF32), bf16/fp16 accumulate in fp32.
 """
 
 from __future__ import annotations
@@ -103,6 +125,451 @@ def _check_inputs(q, k, v, k_lens, cu_seqlens_q, cu_seqlens_k):
 
 
 # ----------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------
+
+# Note [fixed reduction tiles]: the tile that a kernel *reduces over* (keys in the forward
+# and dq kernels, queries in the dk/dv kernel) has a fixed size, and only the other tile,
+# the warps and the stages are autotuned. The order of every floating-point sum then does
+# not depend on which config the autotuner picks, so a result cannot change between two
+# processes that tuned differently. The autotune key leaves out the batch size (and the
+# number of varlen sequences), so a sample computed alone and inside a batch always runs
+# the same config: batch invariance.
+_REDUCE_TILE = 64
+
+
+def _configs(tile: str, options: list[tuple[int, int, int]]) -> list:
+    """Autotune configs over (tile size, num_warps, num_stages); the first is the one used
+    under the interpreter."""
+    return _backend.autotune_configs(
+        [triton.Config({tile: size}, num_warps=warps, num_stages=stages) for size, warps, stages in options]
+    )
+
+
+_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "VARLEN", "HAS_K_LENS", "TUNE_LEN_Q", "TUNE_LEN_K"]
+_ROW_TILE_OPTIONS = [(64, 4, 2), (128, 8, 2), (128, 8, 3), (128, 4, 3), (64, 4, 3)]
+
+
+if _backend.triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _sequence_bounds(batch, CU_Q, CU_K, K_LENS, len_q, len_k,
+                         VARLEN: tl.constexpr, HAS_K_LENS: tl.constexpr):
+        """Where program `batch`'s sequence starts in the (packed) token axis, how long its
+        queries and keys are, how many keys are unmasked, and the causal diagonal offset."""
+        if VARLEN:
+            q_start = tl.load(CU_Q + batch)
+            q_len = tl.load(CU_Q + batch + 1) - q_start
+            k_start = tl.load(CU_K + batch)
+            k_len = tl.load(CU_K + batch + 1) - k_start
+        else:
+            q_start = 0
+            q_len = len_q
+            k_start = 0
+            k_len = len_k
+        k_valid = k_len
+        if HAS_K_LENS:
+            k_valid = tl.minimum(k_len, tl.load(K_LENS + batch))
+        # Causal, bottom-right aligned: query i sees key j iff j <= i + causal_offset.
+        causal_offset = k_len - q_len
+        return q_start, q_len, k_start, k_len, k_valid, causal_offset
+
+    @triton.jit
+    def _visible(rows, cols, k_valid, causal_offset, CAUSAL: tl.constexpr):
+        """(BLOCK_M, BLOCK_N) mask of the keys `cols` each query `rows` may attend to."""
+        visible = (cols < k_valid)[None, :] & (rows >= 0)[:, None]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
+        return visible
+
+    @triton.autotune(configs=_configs("BLOCK_M", _ROW_TILE_OPTIONS), key=_TUNE_KEY)
+    @triton.jit
+    def _attention_fwd_kernel(
+        Q, K, V, O, LSE, K_LENS, CU_Q, CU_K,
+        stride_qb, stride_ql, stride_qh,
+        stride_kb, stride_kl, stride_kh,
+        stride_vb, stride_vl, stride_vh,
+        stride_ob, stride_ol, stride_oh,
+        stride_lse_b, stride_lse_h,
+        len_q, len_k, sm_scale, group,
+        TUNE_LEN_Q, TUNE_LEN_K,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+        HAS_K_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """One program = one (query block, head, sequence): loops over key blocks with an
+        online softmax; writes O and the row log-sum-exp (log2 units) for the backward."""
+        block_m = tl.program_id(0)
+        head = tl.program_id(1)
+        batch = tl.program_id(2)
+        q_start, q_len, k_start, k_len, k_valid, causal_offset = _sequence_bounds(
+            batch, CU_Q, CU_K, K_LENS, len_q, len_k, VARLEN, HAS_K_LENS)
+        if block_m * BLOCK_M >= q_len:
+            return
+        kv_head = head // group
+        rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = rows < q_len
+        d_ok = offs_d < HEAD_DIM  # head dim 80 runs in a 128-wide tile
+
+        q_ptrs = (Q + batch.to(tl.int64) * stride_qb + head * stride_qh
+                  + (q_start + rows).to(tl.int64)[:, None] * stride_ql + offs_d[None, :])
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        k_base = K + batch.to(tl.int64) * stride_kb + kv_head * stride_kh + offs_d[None, :]
+        v_base = V + batch.to(tl.int64) * stride_vb + kv_head * stride_vh + offs_d[None, :]
+
+        qk_scale = sm_scale * 1.4426950408889634  # exp2 instead of exp
+        row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        row_sum = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+        end_n = k_valid
+        if CAUSAL:  # keys past the last row's diagonal are invisible to the whole block
+            end_n = tl.minimum(end_n, (block_m + 1) * BLOCK_M + causal_offset)
+        for start_n in range(0, end_n, BLOCK_N):
+            cols = start_n + offs_n
+            kv_mask = (cols < k_valid)[:, None] & d_ok[None, :]
+            kv_rows = (k_start + cols).to(tl.int64)[:, None]
+            k = tl.load(k_base + kv_rows * stride_kl, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+            v = tl.load(v_base + kv_rows * stride_vl, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+            scores = tl.where(_visible(rows, cols, k_valid, causal_offset, CAUSAL), scores, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(scores, 1))
+            # A row that has seen only masked keys keeps max -inf; shift by 0 so that
+            # exp2(-inf - shift) = 0 instead of exp2(-inf + inf) = NaN.
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            correction = tl.exp2(row_max - shift)
+            probs = tl.exp2(scores - shift[:, None])
+            row_sum = row_sum * correction + tl.sum(probs, 1)
+            acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+            row_max = new_max
+
+        sees_a_key = row_sum > 0.0
+        out = acc / tl.where(sees_a_key, row_sum, 1.0)[:, None]
+        # +inf for rows without keys: the backward's exp2(s - lse) is then exactly 0.
+        lse = tl.where(sees_a_key, row_max + tl.log2(tl.where(sees_a_key, row_sum, 1.0)), float("inf"))
+        o_ptrs = (O + batch.to(tl.int64) * stride_ob + head * stride_oh
+                  + (q_start + rows).to(tl.int64)[:, None] * stride_ol + offs_d[None, :])
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        lse_ptrs = LSE + batch.to(tl.int64) * stride_lse_b + head * stride_lse_h + q_start + rows
+        tl.store(lse_ptrs, lse, mask=row_ok)
+
+    @triton.jit
+    def _attention_bwd_delta_kernel(
+        O, DO, DELTA, CU_Q,
+        stride_ob, stride_ol, stride_oh,
+        stride_dob, stride_dol, stride_doh,
+        stride_lse_b, stride_lse_h,
+        len_q,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        """delta = rowsum(dO * O) in fp32, the softmax-Jacobian term shared by dq and dk."""
+        block_m = tl.program_id(0)
+        head = tl.program_id(1)
+        batch = tl.program_id(2)
+        if VARLEN:
+            q_start = tl.load(CU_Q + batch)
+            q_len = tl.load(CU_Q + batch + 1) - q_start
+        else:
+            q_start = 0
+            q_len = len_q
+        if block_m * BLOCK_M >= q_len:
+            return
+        rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (rows < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        token = (q_start + rows).to(tl.int64)[:, None]
+        o = tl.load(O + batch.to(tl.int64) * stride_ob + head * stride_oh + token * stride_ol + offs_d[None, :],
+                    mask=mask, other=0.0)
+        do = tl.load(DO + batch.to(tl.int64) * stride_dob + head * stride_doh + token * stride_dol
+                     + offs_d[None, :], mask=mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + batch.to(tl.int64) * stride_lse_b + head * stride_lse_h + q_start + rows, delta,
+                 mask=rows < q_len)
+
+    @triton.autotune(configs=_configs("BLOCK_N", _ROW_TILE_OPTIONS), key=_TUNE_KEY)
+    @triton.jit
+    def _attention_bwd_dkdv_kernel(
+        Q, K, V, DO, DK, DV, LSE, DELTA, K_LENS, CU_Q, CU_K,
+        stride_qb, stride_ql, stride_qh,
+        stride_kb, stride_kl, stride_kh,
+        stride_vb, stride_vl, stride_vh,
+        stride_dob, stride_dol, stride_doh,
+        stride_dkb, stride_dkl, stride_dkh,
+        stride_dvb, stride_dvl, stride_dvh,
+        stride_lse_b, stride_lse_h,
+        len_q, len_k, sm_scale, group,
+        TUNE_LEN_Q, TUNE_LEN_K,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+        HAS_K_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """One program = one (key block, kv head, sequence): accumulates dk and dv over every
+        query block of every query head in its GQA group, in a fixed order (no atomics)."""
+        block_n = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        batch = tl.program_id(2)
+        q_start, q_len, k_start, k_len, k_valid, causal_offset = _sequence_bounds(
+            batch, CU_Q, CU_K, K_LENS, len_q, len_k, VARLEN, HAS_K_LENS)
+        if block_n * BLOCK_N >= k_len:
+            return
+        cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        kv_rows = (k_start + cols).to(tl.int64)[:, None]
+        kv_mask = (cols < k_valid)[:, None] & d_ok[None, :]
+        k = tl.load(K + batch.to(tl.int64) * stride_kb + kv_head * stride_kh + kv_rows * stride_kl
+                    + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(V + batch.to(tl.int64) * stride_vb + kv_head * stride_vh + kv_rows * stride_vl
+                    + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        qk_scale = sm_scale * 1.4426950408889634
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+        # Queries before the diagonal of this block's first key see none of its keys.
+        begin_m = 0
+        if CAUSAL:
+            begin_m = tl.maximum(block_n * BLOCK_N - causal_offset, 0) // BLOCK_M * BLOCK_M
+        # Keys that are all masked (padding) get zero gradients: skip the loop for them.
+        end_m = tl.where(block_n * BLOCK_N < k_valid, q_len, 0)
+        for member in range(0, group):
+            head = kv_head * group + member
+            q_base = Q + batch.to(tl.int64) * stride_qb + head * stride_qh + offs_d[None, :]
+            do_base = DO + batch.to(tl.int64) * stride_dob + head * stride_doh + offs_d[None, :]
+            stats_base = batch.to(tl.int64) * stride_lse_b + head * stride_lse_h + q_start
+            for start_m in range(begin_m, end_m, BLOCK_M):
+                rows = start_m + offs_m
+                row_ok = rows < q_len
+                q_rows = (q_start + rows).to(tl.int64)[:, None]
+                q = tl.load(q_base + q_rows * stride_ql, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                do = tl.load(do_base + q_rows * stride_dol, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                lse = tl.load(LSE + stats_base + rows, mask=row_ok, other=float("inf"))
+                delta = tl.load(DELTA + stats_base + rows, mask=row_ok, other=0.0)
+                # Transposed tiles (keys x queries) so dk, dv accumulate without transposes.
+                scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+                visible_t = (cols < k_valid)[:, None] & row_ok[None, :]
+                if CAUSAL:
+                    visible_t = visible_t & (cols[:, None] <= rows[None, :] + causal_offset)
+                probs_t = tl.where(visible_t, tl.exp2(scores_t - lse[None, :]), 0.0)
+                dv += tl.dot(probs_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+                dprobs_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+                dscores_t = probs_t * (dprobs_t - delta[None, :])
+                dk += tl.dot(dscores_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        dk = dk * sm_scale
+
+        out_mask = (cols < k_len)[:, None] & d_ok[None, :]
+        tl.store(DK + batch.to(tl.int64) * stride_dkb + kv_head * stride_dkh + kv_rows * stride_dkl
+                 + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_mask)
+        tl.store(DV + batch.to(tl.int64) * stride_dvb + kv_head * stride_dvh + kv_rows * stride_dvl
+                 + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_mask)
+
+    @triton.autotune(configs=_configs("BLOCK_M", _ROW_TILE_OPTIONS), key=_TUNE_KEY)
+    @triton.jit
+    def _attention_bwd_dq_kernel(
+        Q, K, V, DO, DQ, LSE, DELTA, K_LENS, CU_Q, CU_K,
+        stride_qb, stride_ql, stride_qh,
+        stride_kb, stride_kl, stride_kh,
+        stride_vb, stride_vl, stride_vh,
+        stride_dob, stride_dol, stride_doh,
+        stride_dqb, stride_dql, stride_dqh,
+        stride_lse_b, stride_lse_h,
+        len_q, len_k, sm_scale, group,
+        TUNE_LEN_Q, TUNE_LEN_K,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+        HAS_K_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """One program = one (query block, head, sequence): accumulates dq over key blocks."""
+        block_m = tl.program_id(0)
+        head = tl.program_id(1)
+        batch = tl.program_id(2)
+        q_start, q_len, k_start, k_len, k_valid, causal_offset = _sequence_bounds(
+            batch, CU_Q, CU_K, K_LENS, len_q, len_k, VARLEN, HAS_K_LENS)
+        if block_m * BLOCK_M >= q_len:
+            return
+        kv_head = head // group
+        rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = rows < q_len
+        d_ok = offs_d < HEAD_DIM
+        q_rows = (q_start + rows).to(tl.int64)[:, None]
+        row_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + batch.to(tl.int64) * stride_qb + head * stride_qh + q_rows * stride_ql + offs_d[None, :],
+                    mask=row_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+        do = tl.load(DO + batch.to(tl.int64) * stride_dob + head * stride_doh + q_rows * stride_dol
+                     + offs_d[None, :], mask=row_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+        stats_ptrs = batch.to(tl.int64) * stride_lse_b + head * stride_lse_h + q_start + rows
+        lse = tl.load(LSE + stats_ptrs, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + stats_ptrs, mask=row_ok, other=0.0)
+        k_base = K + batch.to(tl.int64) * stride_kb + kv_head * stride_kh + offs_d[None, :]
+        v_base = V + batch.to(tl.int64) * stride_vb + kv_head * stride_vh + offs_d[None, :]
+        qk_scale = sm_scale * 1.4426950408889634
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+        end_n = k_valid
+        if CAUSAL:
+            end_n = tl.minimum(end_n, (block_m + 1) * BLOCK_M + causal_offset)
+        for start_n in range(0, end_n, BLOCK_N):
+            cols = start_n + offs_n
+            kv_mask = (cols < k_valid)[:, None] & d_ok[None, :]
+            kv_rows = (k_start + cols).to(tl.int64)[:, None]
+            k = tl.load(k_base + kv_rows * stride_kl, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+            v = tl.load(v_base + kv_rows * stride_vl, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+            visible = _visible(rows, cols, k_valid, causal_offset, CAUSAL)
+            probs = tl.where(visible, tl.exp2(scores - lse[:, None]), 0.0)
+            dprobs = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            dscores = probs * (dprobs - delta[:, None])
+            dq += tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dq = dq * sm_scale
+        tl.store(DQ + batch.to(tl.int64) * stride_dqb + head * stride_dqh + q_rows * stride_dql + offs_d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=row_mask)
+
+
+# ----------------------------------------------------------------------------------------
+# Autograd wrapper
+# ----------------------------------------------------------------------------------------
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _output_buffer(shape, dtype, device) -> torch.Tensor:
+    """Every buffer a kernel writes comes from here, uninitialised: the kernels must write
+    all of it. The tests swap this for a NaN-filled allocation to catch skipped elements."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _Geometry:
+    """How tensors map to kernel programs. Dense (B, L, H, D): one program column per
+    sample. Varlen (T, H, D): one program column per sequence; the batch stride is 0 and
+    each program finds its tokens through cu_seqlens."""
+
+    def __init__(self, q, k, causal, scale, k_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        self.varlen = cu_seqlens_q is not None
+        self.causal = bool(causal)
+        self.head_dim = q.shape[-1]
+        self.block_d = max(16, triton.next_power_of_2(self.head_dim))
+        self.scale = 1.0 / math.sqrt(self.head_dim) if scale is None else float(scale)
+        self.n_heads, self.n_kv_heads = q.shape[-2], k.shape[-2]
+        self.group = self.n_heads // self.n_kv_heads
+        self.dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        dummy = torch.empty(1, dtype=torch.int32, device=q.device)  # stands in for absent pointers
+        self.k_lens = dummy if k_lens is None else k_lens.to(device=q.device, dtype=torch.int32)
+        self.has_k_lens = k_lens is not None
+        if self.varlen:
+            self.cu_q = cu_seqlens_q.to(device=q.device, dtype=torch.int32)
+            self.cu_k = cu_seqlens_k.to(device=q.device, dtype=torch.int32)
+            self.batch = self.cu_q.shape[0] - 1
+            if max_seqlen_q is None:  # a host sync; pass max_seqlen_* to avoid it
+                max_seqlen_q = int((self.cu_q[1:] - self.cu_q[:-1]).max()) if self.batch else 0
+            if max_seqlen_k is None:
+                max_seqlen_k = int((self.cu_k[1:] - self.cu_k[:-1]).max()) if self.batch else 0
+            self.len_q, self.len_k = int(max_seqlen_q), int(max_seqlen_k)
+        else:
+            self.cu_q = self.cu_k = dummy
+            self.batch, self.len_q, self.len_k = q.shape[0], q.shape[1], k.shape[1]
+        # Autotune buckets: lengths rounded up to a power of two, so a new length does not
+        # trigger a new tuning run (and the batch size is never part of the key).
+        self.tune_len_q = triton.next_power_of_2(max(self.len_q, 1))
+        self.tune_len_k = triton.next_power_of_2(max(self.len_k, 1))
+
+    def strides(self, t: torch.Tensor) -> tuple[int, int, int]:
+        """(batch, token, head) strides; the head-dim stride is 1."""
+        if self.varlen:
+            return 0, t.stride(0), t.stride(1)
+        return t.stride(0), t.stride(1), t.stride(2)
+
+    def stats_buffer(self, q) -> tuple[torch.Tensor, int, int]:
+        """An fp32 per-(sequence, head, query) buffer (LSE, delta) and its (batch, head) strides."""
+        if self.varlen:
+            buf = _output_buffer((self.n_heads, q.shape[0]), torch.float32, q.device)  # (H, Tq)
+            return buf, 0, buf.stride(0)
+        buf = _output_buffer((q.shape[0], self.n_heads, q.shape[1]), torch.float32, q.device)  # (B, H, Lq)
+        return buf, buf.stride(0), buf.stride(1)
+
+    def common(self) -> dict:
+        return dict(len_q=self.len_q, len_k=self.len_k, sm_scale=self.scale, group=self.group,
+                    TUNE_LEN_Q=self.tune_len_q, TUNE_LEN_K=self.tune_len_k,
+                    HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, CAUSAL=self.causal, VARLEN=self.varlen,
+                    HAS_K_LENS=self.has_k_lens, DOT_PRECISION=self.dot_precision)
+
+
+def _attention_forward(q, k, v, geo: _Geometry):
+    out = _output_buffer(q.shape, q.dtype, q.device)
+    lse, stride_lse_b, stride_lse_h = geo.stats_buffer(q)
+    if out.numel() == 0:
+        return out, lse
+    grid = lambda meta: (triton.cdiv(geo.len_q, meta["BLOCK_M"]), geo.n_heads, geo.batch)  # noqa: E731
+    _attention_fwd_kernel[grid](
+        q, k, v, out, lse, geo.k_lens, geo.cu_q, geo.cu_k,
+        *geo.strides(q), *geo.strides(k), *geo.strides(v), *geo.strides(out),
+        stride_lse_b, stride_lse_h, **geo.common(), BLOCK_N=_REDUCE_TILE,
+    )
+    return out, lse
+
+
+def _attention_backward(q, k, v, out, lse, grad_out, geo: _Geometry):
+    grad_q = _output_buffer(q.shape, q.dtype, q.device)
+    grad_k = _output_buffer(k.shape, k.dtype, k.device)
+    grad_v = _output_buffer(v.shape, v.dtype, v.device)
+    if q.numel() == 0 or k.numel() == 0:
+        return grad_q.zero_(), grad_k.zero_(), grad_v.zero_()
+    delta, stride_lse_b, stride_lse_h = geo.stats_buffer(q)
+    delta_tile = 64
+    _attention_bwd_delta_kernel[(triton.cdiv(geo.len_q, delta_tile), geo.n_heads, geo.batch)](
+        out, grad_out, delta, geo.cu_q, *geo.strides(out), *geo.strides(grad_out), stride_lse_b, stride_lse_h,
+        geo.len_q, HEAD_DIM=geo.head_dim, BLOCK_D=geo.block_d, VARLEN=geo.varlen, BLOCK_M=delta_tile,
+    )
+    strides_qkv_do = (*geo.strides(q), *geo.strides(k), *geo.strides(v), *geo.strides(grad_out))
+    grid_kv = lambda meta: (triton.cdiv(geo.len_k, meta["BLOCK_N"]), geo.n_kv_heads, geo.batch)  # noqa: E731
+    _attention_bwd_dkdv_kernel[grid_kv](
+        q, k, v, grad_out, grad_k, grad_v, lse, delta, geo.k_lens, geo.cu_q, geo.cu_k,
+        *strides_qkv_do, *geo.strides(grad_k), *geo.strides(grad_v), stride_lse_b, stride_lse_h,
+        **geo.common(), BLOCK_M=_REDUCE_TILE,
+    )
+    grid_q = lambda meta: (triton.cdiv(geo.len_q, meta["BLOCK_M"]), geo.n_heads, geo.batch)  # noqa: E731
+    _attention_bwd_dq_kernel[grid_q](
+        q, k, v, grad_out, grad_q, lse, delta, geo.k_lens, geo.cu_q, geo.cu_k,
+        *strides_qkv_do, *geo.strides(grad_q), stride_lse_b, stride_lse_h,
+        **geo.common(), BLOCK_N=_REDUCE_TILE,
+    )
+    return grad_q, grad_k, grad_v
+
+
+class _TritonAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, geo: _Geometry):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        out, lse = _attention_forward(q, k, v, geo)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.geo = geo
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        grads = _attention_backward(q, k, v, out, lse, _last_dim_contiguous(grad_out), ctx.geo)
+        return *grads, None
+
+
+def _attention_triton(q, k, v, causal, scale, k_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    if q.dtype not in _TRITON_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"the Triton attention takes q, k, v of one dtype among fp32/bf16/fp16, got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}; use backend='reference' for others")
+    geo = _Geometry(q, k, causal, scale, k_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return _TritonAttention.apply(q, k, v, geo)
+
+
+# ----------------------------------------------------------------------------------------
 # Public entry
 # ----------------------------------------------------------------------------------------
 
@@ -122,7 +589,9 @@ def attention(q, k, v, *, causal=False, scale=None, k_lens=None,
     (varlen only); the Triton path reads them from cu_seqlens (a host sync) when omitted.
     """
     _check_inputs(q, k, v, k_lens, cu_seqlens_q, cu_seqlens_k)
-    _backend.resolve(backend, q, k, v)  # validates `backend`; the Triton path lands in the next commit
+    if _backend.resolve(backend, q, k, v) == "triton":
+        return _attention_triton(q, k, v, causal, scale, k_lens, cu_seqlens_q, cu_seqlens_k,
+                                 max_seqlen_q, max_seqlen_k)
     return attention_reference(q, k, v, causal=causal, scale=scale, k_lens=k_lens,
                                cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
