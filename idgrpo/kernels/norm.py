@@ -7,6 +7,8 @@ input dtype unless stated. Spec: MODELS.md §1.3 (Wan block), §1.5 (precision),
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -214,11 +216,16 @@ def _row_block(C: int) -> tuple[int, int, int]:
     return block_r, block_c, num_warps
 
 
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _num_partials(samples: int, rows_per_sample: int, block_r: int, device: torch.device) -> int:
     """Row-range programs per sample for the backward reductions: enough to fill the GPU,
     few enough that the partial buffer stays small. Deterministic for a given shape/device."""
     if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     else:
         target = 4  # interpreter: still exercises several partials
     per_sample = max(1, target // samples)
