@@ -27,7 +27,13 @@ import math
 
 import torch
 
-from idgrpo.kernels.backend import resolve
+from idgrpo.kernels.backend import interpreting, resolve
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference path works without triton
+    triton = None
 
 SCHEDULES = ("identity_grpo", "flow_grpo")
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -157,15 +163,185 @@ def grpo_loss_reference(x, x_next, velocity, old_log_prob, advantages, sigma, si
     return _policy_terms(log_prob, kl, old_log_prob, advantages, clip_range, adv_clip, kl_beta)
 
 
+# ---------------------------------------------------------------------------------------------
+# Triton: each program owns BLOCK elements of one sample; per-sample sums are written as
+# per-block partials and summed in a fixed order afterwards, so results are deterministic.
+
+
+def _block_size() -> int:
+    # Small blocks under the interpreter so the tests cross several blocks with a ragged tail.
+    return 128 if interpreting() else 2048
+
+
+def _step_coefficients(sigma, sigma_next, std_dev_t, batch: int, device):
+    """Per-sample fp32 (B,) scalars: μ = x·cx + v·cv, dt and the step's std s_t√(−dt)."""
+    sigma, sigma_next, s = (torch.as_tensor(t, dtype=torch.float32, device=device).expand(batch).contiguous()
+                            for t in (sigma, sigma_next, std_dev_t))
+    dt = sigma_next - sigma
+    cx = 1 + s**2 / (2 * sigma) * dt
+    cv = (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
+    return cx, cv, dt, s * torch.sqrt(-dt)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sde_step_kernel(x_ptr, v_ptr, noise_ptr, x_next_ptr, mean_ptr, partial_ptr,
+                         cx_ptr, cv_ptr, dt_ptr, std_ptr, M, NUM_BLOCKS,
+                         DETERMINISTIC: tl.constexpr, BLOCK: tl.constexpr):
+        block, b = tl.program_id(0), tl.program_id(1)
+        cols = block * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < M
+        offs = b.to(tl.int64) * M + cols
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        cx, cv = tl.load(cx_ptr + b), tl.load(cv_ptr + b)
+        mean = x * cx + v * cv
+        if DETERMINISTIC:
+            x_next = x + tl.load(dt_ptr + b) * v
+        else:
+            noise = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            x_next = mean + tl.load(std_ptr + b) * noise
+        # The log-prob is measured on x_next as stored, so that recomputing it from the
+        # stored latent (grpo_loss, on-policy) gives back exactly this value.
+        x_next_stored = x_next.to(x_next_ptr.dtype.element_ty)
+        tl.store(x_next_ptr + offs, x_next_stored, mask=mask)
+        tl.store(mean_ptr + offs, mean, mask=mask)
+        diff = tl.where(mask, x_next_stored.to(tl.float32) - mean, 0.0)
+        tl.store(partial_ptr + b * NUM_BLOCKS + block, tl.sum(diff * diff, axis=0))
+
+    @triton.jit
+    def _sde_logprob_fwd_kernel(x_ptr, x_next_ptr, v_ptr, ref_ptr, partial_lp_ptr, partial_kl_ptr,
+                                cx_ptr, cv_ptr, M, NUM_BLOCKS, HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
+        block, b = tl.program_id(0), tl.program_id(1)
+        cols = block * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < M
+        offs = b.to(tl.int64) * M + cols
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x_next = tl.load(x_next_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = x * tl.load(cx_ptr + b) + v * tl.load(cv_ptr + b)
+        diff = tl.where(mask, x_next - mean, 0.0)
+        tl.store(partial_lp_ptr + b * NUM_BLOCKS + block, tl.sum(diff * diff, axis=0))
+        if HAS_REF:
+            ref = tl.load(ref_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dev = tl.where(mask, mean - ref, 0.0)
+            tl.store(partial_kl_ptr + b * NUM_BLOCKS + block, tl.sum(dev * dev, axis=0))
+
+    @triton.jit
+    def _sde_logprob_bwd_kernel(x_ptr, x_next_ptr, v_ptr, ref_ptr, grad_v_ptr, coef_lp_ptr, coef_kl_ptr,
+                                cx_ptr, cv_ptr, M, HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
+        # d log_prob_b / d v = cv·(x' − μ)/(var·M);  d kl_b / d v = cv·(μ − μ_ref)/(var·M):
+        # the wrapper folds cv/(var·M) and the incoming per-sample grads into coef_lp / coef_kl.
+        block, b = tl.program_id(0), tl.program_id(1)
+        cols = block * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < M
+        offs = b.to(tl.int64) * M + cols
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x_next = tl.load(x_next_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = x * tl.load(cx_ptr + b) + v * tl.load(cv_ptr + b)
+        grad = tl.load(coef_lp_ptr + b) * (x_next - mean)
+        if HAS_REF:
+            ref = tl.load(ref_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            grad += tl.load(coef_kl_ptr + b) * (mean - ref)
+        tl.store(grad_v_ptr + offs, grad.to(grad_v_ptr.dtype.element_ty), mask=mask)
+
+
+def _flat(t: torch.Tensor, batch: int) -> torch.Tensor:
+    return t.reshape(batch, -1).contiguous()
+
+
+def _grpo_step_triton(x, velocity, sigma, sigma_next, std_dev_t, noise, *, deterministic):
+    B = x.shape[0]
+    if noise is None and not deterministic:
+        raise ValueError("grpo_step needs `noise` unless deterministic=True")
+    if velocity.shape != x.shape or (noise is not None and noise.shape != x.shape):
+        raise ValueError(f"x, velocity and noise must share a shape; got {tuple(x.shape)}, "
+                         f"{tuple(velocity.shape)}, {None if noise is None else tuple(noise.shape)}")
+    M = x[0].numel()
+    cx, cv, dt, std = _step_coefficients(sigma, sigma_next, std_dev_t, B, x.device)
+    x_flat, v_flat = _flat(x, B), _flat(velocity, B)
+    noise_flat = x_flat if deterministic else _flat(noise, B)  # not read when deterministic
+    x_next = torch.empty_like(x_flat)
+    mean = torch.empty(x_flat.shape, dtype=torch.float32, device=x.device)
+    BLOCK = _block_size()
+    num_blocks = triton.cdiv(M, BLOCK)
+    partial = torch.empty(B, num_blocks, dtype=torch.float32, device=x.device)
+    _sde_step_kernel[(num_blocks, B)](x_flat, v_flat, noise_flat, x_next, mean, partial, cx, cv, dt, std,
+                                      M, num_blocks, DETERMINISTIC=deterministic, BLOCK=BLOCK)
+    log_prob = -partial.sum(1) / (2 * std**2 * M) - torch.log(std) - LOG_SQRT_2PI
+    return x_next.view(x.shape), log_prob, mean.view(x.shape)
+
+
+class _SdeLogProbKL(torch.autograd.Function):
+    """(log_prob (B,), kl (B,)) of stored steps under the current velocity; grad to velocity only."""
+
+    @staticmethod
+    def forward(ctx, x, x_next, velocity, ref_mean, sigma, sigma_next, std_dev_t):
+        B = x.shape[0]
+        M = x[0].numel()
+        cx, cv, _, std = _step_coefficients(sigma, sigma_next, std_dev_t, B, x.device)
+        tensors = [_flat(t, B) for t in (x, x_next, velocity)]
+        has_ref = ref_mean is not None
+        ref = _flat(ref_mean, B) if has_ref else tensors[0]
+        BLOCK = _block_size()
+        num_blocks = triton.cdiv(M, BLOCK)
+        partial_lp = torch.empty(B, num_blocks, dtype=torch.float32, device=x.device)
+        partial_kl = torch.empty_like(partial_lp) if has_ref else partial_lp
+        _sde_logprob_fwd_kernel[(num_blocks, B)](*tensors, ref, partial_lp, partial_kl, cx, cv, M, num_blocks,
+                                                 HAS_REF=has_ref, BLOCK=BLOCK)
+        variance = std**2
+        log_prob = -partial_lp.sum(1) / (2 * variance * M) - torch.log(std) - LOG_SQRT_2PI
+        kl = partial_kl.sum(1) / (2 * variance * M) if has_ref else torch.zeros_like(log_prob)
+        ctx.save_for_backward(*tensors, ref, cx, cv, variance)
+        ctx.has_ref, ctx.shape, ctx.dtype = has_ref, velocity.shape, velocity.dtype
+        return log_prob, kl
+
+    @staticmethod
+    def backward(ctx, grad_log_prob, grad_kl):
+        x, x_next, velocity, ref, cx, cv, variance = ctx.saved_tensors
+        B, M = x.shape
+        scale = cv / (variance * M)
+        coef_lp = (grad_log_prob.float() * scale).contiguous()
+        coef_kl = (grad_kl.float() * scale).contiguous()
+        grad_v = torch.empty(B, M, dtype=ctx.dtype, device=x.device)
+        BLOCK = _block_size()
+        _sde_logprob_bwd_kernel[(triton.cdiv(M, BLOCK), B)](x, x_next, velocity, ref, grad_v, coef_lp, coef_kl,
+                                                            cx, cv, M, HAS_REF=ctx.has_ref, BLOCK=BLOCK)
+        return None, None, grad_v.view(ctx.shape), None, None, None, None
+
+
+def _grpo_loss_triton(x, x_next, velocity, old_log_prob, advantages, sigma, sigma_next, std_dev_t, *,
+                      ref_mean, clip_range, adv_clip, kl_beta):
+    _check_loss_args(clip_range, adv_clip, kl_beta)
+    for name, t in (("x_next", x_next), ("velocity", velocity), ("ref_mean", ref_mean)):
+        if t is not None and t.shape != x.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected x's {tuple(x.shape)}")
+    log_prob, kl = _SdeLogProbKL.apply(x.detach(), x_next.detach(), velocity,
+                                       None if ref_mean is None else ref_mean.detach(), sigma, sigma_next, std_dev_t)
+    return _policy_terms(log_prob, kl, old_log_prob, advantages, clip_range, adv_clip, kl_beta)
+
+
 def grpo_step(x, velocity, sigma, sigma_next, std_dev_t, noise, *, deterministic=False, backend=None):
-    """One SDE step: (x_next (x.dtype), log_prob (B,) fp32, mean (B, ...) fp32); no grad."""
-    resolve(backend, x, velocity, noise)  # validates `backend`; the Triton kernel is not in yet
-    return grpo_step_reference(x, velocity, sigma, sigma_next, std_dev_t, noise, deterministic=deterministic)
+    """One SDE step: (x_next (x.dtype), log_prob (B,) fp32, mean (B, ...) fp32); no grad.
+
+    `noise` (B, ...) is the standard normal draw ε; it is not read when `deterministic`.
+    """
+    with torch.no_grad():
+        if resolve(backend, x, velocity, noise) == "reference":
+            return grpo_step_reference(x, velocity, sigma, sigma_next, std_dev_t, noise,
+                                       deterministic=deterministic)
+        return _grpo_step_triton(x, velocity, sigma, sigma_next, std_dev_t, noise, deterministic=deterministic)
 
 
 def grpo_loss(x, x_next, velocity, old_log_prob, advantages, sigma, sigma_next, std_dev_t, *, ref_mean=None,
               clip_range=1e-3, adv_clip=5.0, kl_beta=0.004, backend=None):
-    """The GRPO loss (scalar, differentiable w.r.t. `velocity`) and its stats (see the module docstring)."""
-    resolve(backend, x, x_next, velocity, ref_mean)
-    return grpo_loss_reference(x, x_next, velocity, old_log_prob, advantages, sigma, sigma_next, std_dev_t,
-                               ref_mean=ref_mean, clip_range=clip_range, adv_clip=adv_clip, kl_beta=kl_beta)
+    """The GRPO loss (scalar, differentiable w.r.t. `velocity`) and its stats (see the module docstring).
+
+    stats: log_prob, ratio, kl (B,); policy_loss, clipfrac, approx_kl scalars; all detached, on device.
+    """
+    impl = grpo_loss_reference if resolve(backend, x, x_next, velocity, ref_mean) == "reference" \
+        else _grpo_loss_triton
+    return impl(x, x_next, velocity, old_log_prob, advantages, sigma, sigma_next, std_dev_t, ref_mean=ref_mean,
+                clip_range=clip_range, adv_clip=adv_clip, kl_beta=kl_beta)
