@@ -83,6 +83,25 @@ def test_modulation_vectors_broadcast(shapes):
             torch.testing.assert_close(grads[name].double(), ref_g, rtol=1e-5, atol=5e-5, msg=f"{op} {name}")
 
 
+@pytest.mark.parametrize("width", [1536, 5120])
+def test_model_widths(width, poisoned_allocations):
+    """Wan-1.3B and 14B widths: tiles of 2 rows x 2048 and 1 row x 8192 (masked past the width)."""
+    x = randn(1, 5, width, seed=width, dtype=torch.float64)
+    w = 1 + 0.2 * randn(width, seed=1, dtype=torch.float64)
+    shift, scale = randn(1, width, seed=2, dtype=torch.float64), randn(1, width, seed=3, dtype=torch.float64)
+    grad_out = randn(1, 5, width, seed=4, dtype=torch.float64)
+    for fn, args in ((norm.rms_norm, (x, w)), (norm.layer_norm_modulate, (x, shift, scale))):
+        leaves64 = [a.clone().requires_grad_() for a in args]
+        ref = fn(*leaves64, backend="reference")
+        ref_grads = torch.autograd.grad(ref, leaves64, grad_out)
+        leaves32 = [a.float().requires_grad_() for a in args]
+        out = fn(*leaves32, backend="triton")
+        grads = torch.autograd.grad(out, leaves32, grad_out.float())
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+        for g, rg in zip(grads, ref_grads):
+            torch.testing.assert_close(g.double(), rg, rtol=1e-5, atol=2e-5)
+
+
 def test_strided_rows_and_leading_dims():
     """A (B, L, H*D)-style slice with a row stride wider than the width, and 4-D input."""
     wide = randn(B, L, C + 23, seed=30)

@@ -156,3 +156,22 @@ def test_rotation_preserves_pair_norms():
     torch.testing.assert_close(out.reshape(1, 6, 2, 64, 2).norm(dim=-1), x.reshape(1, 6, 2, 64, 2).norm(dim=-1))
     out = rope.apply_rope_reference(x, cos.double(), sin.double(), interleaved=False)
     torch.testing.assert_close(torch.hypot(out[..., :64], out[..., 64:]), torch.hypot(x[..., :64], x[..., 64:]))
+
+
+def test_table_batch_must_match():
+    x = randn(2, 4, 1, 64, seed=9)
+    angle = randn(3, 4, 32, seed=10)
+    with pytest.raises(ValueError):
+        rope.apply_rope(x, angle.cos(), angle.sin(), backend="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels are only checked on a GPU")
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_bf16_on_gpu(interleaved):
+    x = randn(1, 300, 12, 128, seed=11, dtype=torch.float64, device="cuda")
+    cos, sin = rope.wan_rope_table((3, 10, 9), 128, device="cuda")
+    truth = rope.apply_rope_reference(x, cos.double(), sin.double(), interleaved=interleaved)
+    ours = rope.apply_rope(x.bfloat16(), cos, sin, interleaved=interleaved, backend="triton")
+    eager = rope.apply_rope_reference(x.bfloat16(), cos, sin, interleaved=interleaved)
+    assert ours.dtype == torch.bfloat16
+    assert (ours.double() - truth).abs().max() <= 2 * (eager.double() - truth).abs().max() + 1e-3

@@ -128,6 +128,8 @@ def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     sin = sin.float().contiguous()
     if cos.shape != sin.shape or cos.shape[-1] != D // 2 or cos.dim() not in (2, 3):
         raise ValueError(f"cos/sin must be (L, {D // 2}) or (B, L, {D // 2}), got {tuple(cos.shape)}")
+    if cos.dim() == 3 and cos.shape[0] not in (1, B):
+        raise ValueError(f"table batch {cos.shape[0]} does not match x batch {B}")
     stride_cb = 0 if cos.dim() == 2 or cos.shape[0] == 1 else cos.stride(0)
     out = torch.empty((B, L, H, D), dtype=x.dtype, device=x.device)
     block_h, block_p = triton.next_power_of_2(H), triton.next_power_of_2(D // 2)
