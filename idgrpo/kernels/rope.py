@@ -83,38 +83,41 @@ def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
 
 
 @triton.jit
-def _rope_kernel(X, COS, SIN, OUT, L, H, n_table, half,
+def _rope_kernel(X, COS, SIN, OUT, BL, L, H, n_table, half,
                  stride_xb, stride_xl, stride_xh, stride_ob, stride_ol, stride_oh, stride_cb, stride_cl,
-                 INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
-    # One program per token (b, l), all heads: (BLOCK_H, BLOCK_P) complex pairs. Pair i is
-    # channels (2i, 2i+1) when INTERLEAVED (Wan) and (i, i + D/2) otherwise (rotate-half, Qwen).
-    # INVERSE rotates by -angle: the backward of a rotation is its transpose.
-    token = tl.program_id(0)
-    b = (token // L).to(tl.int64)
-    l = (token % L).to(tl.int64)
+                 INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    # A program rotates BLOCK_T tokens x all heads: (BLOCK_T, BLOCK_H, BLOCK_P) complex pairs
+    # (several tokens per program keep few-head tensors, e.g. Qwen's 2 KV heads, from launching
+    # tiny programs). Pair i is channels (2i, 2i+1) when INTERLEAVED (Wan) and (i, i + D/2)
+    # otherwise (rotate-half, Qwen). INVERSE rotates by -angle: a rotation's backward is its transpose.
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # flat (b, l) index
     heads = tl.arange(0, BLOCK_H)
     pairs = tl.arange(0, BLOCK_P)
-    mask = (heads < H)[:, None] & (pairs < half)[None, :]
+    token_ok = tokens < BL
+    b = (tokens // L).to(tl.int64)
+    l = (tokens % L).to(tl.int64)
+    mask = token_ok[:, None, None] & (heads < H)[None, :, None] & (pairs < half)[None, None, :]
     if INTERLEAVED:
         first, second = 2 * pairs, 2 * pairs + 1
     else:
         first, second = pairs, pairs + half
-    x_row = X + b * stride_xb + l * stride_xl + heads[:, None] * stride_xh
-    x1 = tl.load(x_row + first[None, :], mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_row + second[None, :], mask=mask, other=0.0).to(tl.float32)
+    x_at = X + (b * stride_xb + l * stride_xl)[:, None, None] + (heads * stride_xh)[None, :, None]
+    x1 = tl.load(x_at + first[None, None, :], mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_at + second[None, None, :], mask=mask, other=0.0).to(tl.float32)
     # Tokens past the table (padding) pass through unchanged (selected, not rotated by 0).
-    in_table = (l + 0 * pairs) < n_table  # (BLOCK_P,): a tensor, as masks must be
-    table = b * stride_cb + l * stride_cl + pairs
-    c = tl.load(COS + table, mask=(pairs < half) & in_table, other=1.0)[None, :]
-    s = tl.load(SIN + table, mask=(pairs < half) & in_table, other=0.0)[None, :]
-    in_table = in_table[None, :]
+    in_table = (token_ok & (l < n_table))[:, None] & (pairs < half)[None, :]  # (T, P)
+    table = (b * stride_cb + l * stride_cl)[:, None] + pairs[None, :]
+    c = tl.load(COS + table, mask=in_table, other=1.0)[:, None, :]
+    s = tl.load(SIN + table, mask=in_table, other=0.0)[:, None, :]
     if INVERSE:
         s = -s
-    y1 = tl.where(in_table, x1 * c - x2 * s, x1)
-    y2 = tl.where(in_table, x2 * c + x1 * s, x2)
-    o_row = OUT + b * stride_ob + l * stride_ol + heads[:, None] * stride_oh
-    tl.store(o_row + first[None, :], y1.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(o_row + second[None, :], y2.to(OUT.dtype.element_ty), mask=mask)
+    keep = in_table[:, None, :]
+    y1 = tl.where(keep, x1 * c - x2 * s, x1)
+    y2 = tl.where(keep, x2 * c + x1 * s, x2)
+    o_at = OUT + (b * stride_ob + l * stride_ol)[:, None, None] + (heads * stride_oh)[None, :, None]
+    tl.store(o_at + first[None, None, :], y1.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(o_at + second[None, None, :], y2.to(OUT.dtype.element_ty), mask=mask)
 
 
 def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, inverse: bool):
@@ -133,12 +136,13 @@ def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     stride_cb = 0 if cos.dim() == 2 or cos.shape[0] == 1 else cos.stride(0)
     out = torch.empty((B, L, H, D), dtype=x.dtype, device=x.device)
     block_h, block_p = triton.next_power_of_2(H), triton.next_power_of_2(D // 2)
-    _rope_kernel[(B * L,)](
-        x, cos, sin, out, L, H, n, D // 2,
+    block_t = max(1, min(16, 2048 // (block_h * block_p)))  # ~2K pairs per program
+    _rope_kernel[(triton.cdiv(B * L, block_t),)](
+        x, cos, sin, out, B * L, L, H, n, D // 2,
         x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
         stride_cb, cos.stride(-2),
-        INTERLEAVED=interleaved, INVERSE=inverse, BLOCK_H=block_h, BLOCK_P=block_p,
-        num_warps=4 if block_h * block_p <= 2048 else 8)
+        INTERLEAVED=interleaved, INVERSE=inverse, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_P=block_p,
+        num_warps=4 if block_t * block_h * block_p <= 2048 else 8)
     return out
 
 
