@@ -240,13 +240,14 @@ def _per_sample_rows(v: torch.Tensor, batch: int, width: int) -> tuple[torch.Ten
     return v2, (0 if v2.shape[0] == 1 and batch > 1 else width)
 
 
-def _grad_like(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _grad_like(grad: torch.Tensor, like: tuple[torch.Size, torch.dtype]) -> torch.Tensor:
     """(S, P, C) fp32 partials -> a gradient shaped and typed like `like` (sums in a fixed
     order; a vector broadcast over the batch also sums over samples)."""
     grad = grad.sum(dim=1)  # (S, C)
-    if like.numel() == grad.shape[-1] and grad.shape[0] > 1:
+    shape, dtype = like
+    if shape.numel() == grad.shape[-1] and grad.shape[0] > 1:
         grad = grad.sum(dim=0, keepdim=True)
-    return grad.reshape(like.shape).to(like.dtype)
+    return grad.reshape(shape).to(dtype)
 
 
 def _norm_forward(x2, weight, bias, w_sample_stride, rows_per_sample, eps, is_rms, w_plus_one, out_dtype):
@@ -297,7 +298,7 @@ class _RowNorm(torch.autograd.Function):
         y, mean, rstd = _norm_forward(x2, w, b, 0, x2.shape[0], eps, is_rms, False, x.dtype)
         ctx.save_for_backward(x2, w, mean, rstd)
         ctx.is_rms, ctx.has_bias, ctx.x_shape = is_rms, bias is not None, x.shape
-        ctx.bias_like = bias
+        ctx.bias_like = None if bias is None else (bias.shape, bias.dtype)
         return y.reshape(x.shape)
 
     @staticmethod
@@ -305,7 +306,7 @@ class _RowNorm(torch.autograd.Function):
         x2, w, mean, rstd = ctx.saved_tensors
         dx, dw_p, db_p = _norm_backward(_rows(dy), x2, w, ctx.has_bias, 0, 1, mean, rstd, ctx.is_rms, False,
                                         x2.dtype)
-        dw = None if w is None else _grad_like(dw_p, w)
+        dw = None if w is None else _grad_like(dw_p, (w.shape, w.dtype))
         db = None if db_p is None else _grad_like(db_p, ctx.bias_like)
         return dx.reshape(ctx.x_shape), dw, db, None, None
 
@@ -325,7 +326,7 @@ class _LayerNormModulate(torch.autograd.Function):
         y, mean, rstd = _norm_forward(x2, scale2, shift2, stride, L, eps, False, True, out_dtype or x.dtype)
         ctx.save_for_backward(x2, scale2, mean, rstd)
         ctx.meta = (B, L, C, stride)
-        ctx.shift_like, ctx.scale_like = shift, scale
+        ctx.shift_like, ctx.scale_like = (shift.shape, shift.dtype), (scale.shape, scale.dtype)
         return y.reshape(B, L, C)
 
     @staticmethod
@@ -334,7 +335,8 @@ class _LayerNormModulate(torch.autograd.Function):
         B, L, C, stride = ctx.meta
         dx, dscale_p, dshift_p = _norm_backward(_rows(dy), x2, scale2, True, stride, B, mean, rstd, False, True,
                                                 x2.dtype)
-        return dx.reshape(B, L, C), _grad_like(dshift_p, ctx.shift_like), _grad_like(dscale_p, ctx.scale_like), None, None
+        dshift, dscale = _grad_like(dshift_p, ctx.shift_like), _grad_like(dscale_p, ctx.scale_like)
+        return dx.reshape(B, L, C), dshift, dscale, None, None
 
 
 class _GatedResidual(torch.autograd.Function):
@@ -353,7 +355,7 @@ class _GatedResidual(torch.autograd.Function):
             BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
         ctx.save_for_backward(y2, gate2)
         ctx.meta = (B, L, C, g_stride, x.dtype)
-        ctx.gate_like = gate
+        ctx.gate_like = (gate.shape, gate.dtype)
         return out.reshape(B, L, C)
 
     @staticmethod
