@@ -164,8 +164,11 @@ def grpo_loss_reference(x, x_next, velocity, old_log_prob, advantages, sigma, si
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton: each program owns BLOCK elements of one sample; per-sample sums are written as
-# per-block partials and summed in a fixed order afterwards, so results are deterministic.
+# Triton: each program owns BLOCK elements of one sample and writes its partial sums; a second
+# launch (one program per sample) adds a sample's partials in a fixed order and applies the
+# per-sample formula, so results are deterministic. The per-sample coefficients are computed in
+# the kernels from σ, σ', s_t (one shared jit helper, so the sampler and the loss agree to the
+# bit): a step is two launches, the loss forward two, its backward one.
 
 
 def _block_size() -> int:
@@ -173,35 +176,36 @@ def _block_size() -> int:
     return 128 if interpreting() else 2048
 
 
-def _step_coefficients(sigma, sigma_next, std_dev_t, batch: int, device):
-    """Per-sample fp32 (B,) scalars: μ = x·cx + v·cv, dt and the step's std s_t√(−dt)."""
-    sigma, sigma_next, s = (torch.as_tensor(t, dtype=torch.float32, device=device).expand(batch).contiguous()
-                            for t in (sigma, sigma_next, std_dev_t))
-    dt = sigma_next - sigma
-    cx = 1 + s**2 / (2 * sigma) * dt
-    cv = (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
-    return cx, cv, dt, s * torch.sqrt(-dt)
-
-
 if triton is not None:
 
     @triton.jit
+    def _step_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, b):
+        """μ = x·cx + v·cv, dt = σ' − σ and the step's std s_t√(−dt), in fp32, for sample b."""
+        sigma = tl.load(sigma_ptr + b).to(tl.float32)
+        dt = tl.load(sigma_next_ptr + b).to(tl.float32) - sigma
+        s = tl.load(std_ptr + b).to(tl.float32)
+        s2 = s * s
+        cx = 1.0 + s2 / (2.0 * sigma) * dt
+        cv = (1.0 + s2 * (1.0 - sigma) / (2.0 * sigma)) * dt
+        return cx, cv, dt, s * tl.sqrt(-dt)
+
+    @triton.jit
     def _sde_step_kernel(x_ptr, v_ptr, noise_ptr, x_next_ptr, mean_ptr, partial_ptr,
-                         cx_ptr, cv_ptr, dt_ptr, std_ptr, M, NUM_BLOCKS,
+                         sigma_ptr, sigma_next_ptr, std_ptr, M, NUM_BLOCKS,
                          DETERMINISTIC: tl.constexpr, BLOCK: tl.constexpr):
         block, b = tl.program_id(0), tl.program_id(1)
         cols = block * BLOCK + tl.arange(0, BLOCK)
         mask = cols < M
         offs = b.to(tl.int64) * M + cols
+        cx, cv, dt, step_std = _step_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, b)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        cx, cv = tl.load(cx_ptr + b), tl.load(cv_ptr + b)
         mean = x * cx + v * cv
         if DETERMINISTIC:
-            x_next = x + tl.load(dt_ptr + b) * v
+            x_next = x + dt * v
         else:
             noise = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            x_next = mean + tl.load(std_ptr + b) * noise
+            x_next = mean + step_std * noise
         # The log-prob is measured on x_next as stored, so that recomputing it from the
         # stored latent (grpo_loss, on-policy) gives back exactly this value.
         x_next_stored = x_next.to(x_next_ptr.dtype.element_ty)
@@ -212,15 +216,17 @@ if triton is not None:
 
     @triton.jit
     def _sde_logprob_fwd_kernel(x_ptr, x_next_ptr, v_ptr, ref_ptr, partial_lp_ptr, partial_kl_ptr,
-                                cx_ptr, cv_ptr, M, NUM_BLOCKS, HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
+                                sigma_ptr, sigma_next_ptr, std_ptr, M, NUM_BLOCKS,
+                                HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
         block, b = tl.program_id(0), tl.program_id(1)
         cols = block * BLOCK + tl.arange(0, BLOCK)
         mask = cols < M
         offs = b.to(tl.int64) * M + cols
+        cx, cv, dt, step_std = _step_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, b)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x_next = tl.load(x_next_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = x * tl.load(cx_ptr + b) + v * tl.load(cv_ptr + b)
+        mean = x * cx + v * cv
         diff = tl.where(mask, x_next - mean, 0.0)
         tl.store(partial_lp_ptr + b * NUM_BLOCKS + block, tl.sum(diff * diff, axis=0))
         if HAS_REF:
@@ -229,27 +235,71 @@ if triton is not None:
             tl.store(partial_kl_ptr + b * NUM_BLOCKS + block, tl.sum(dev * dev, axis=0))
 
     @triton.jit
-    def _sde_logprob_bwd_kernel(x_ptr, x_next_ptr, v_ptr, ref_ptr, grad_v_ptr, coef_lp_ptr, coef_kl_ptr,
-                                cx_ptr, cv_ptr, M, HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
-        # d log_prob_b / d v = cv·(x' − μ)/(var·M);  d kl_b / d v = cv·(μ − μ_ref)/(var·M):
-        # the wrapper folds cv/(var·M) and the incoming per-sample grads into coef_lp / coef_kl.
+    def _sde_logprob_finish_kernel(partial_lp_ptr, partial_kl_ptr, log_prob_ptr, kl_ptr,
+                                   sigma_ptr, sigma_next_ptr, std_ptr, M, NUM_BLOCKS, LOG_SQRT_2PI,
+                                   HAS_KL: tl.constexpr, BLOCK_P: tl.constexpr):
+        # log p_b = −Σ(x'−μ)²/(2·var·M) − log(s_t√(−dt)) − log√(2π);  KL_b = Σ(μ−μ_ref)²/(2·var·M)
+        b = tl.program_id(0)
+        _, _, _, step_std = _step_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, b)
+        acc_lp = tl.zeros((BLOCK_P,), tl.float32)
+        acc_kl = tl.zeros((BLOCK_P,), tl.float32)
+        for k in range(0, NUM_BLOCKS, BLOCK_P):
+            idx = k + tl.arange(0, BLOCK_P)
+            mask = idx < NUM_BLOCKS
+            acc_lp += tl.load(partial_lp_ptr + b * NUM_BLOCKS + idx, mask=mask, other=0.0)
+            if HAS_KL:
+                acc_kl += tl.load(partial_kl_ptr + b * NUM_BLOCKS + idx, mask=mask, other=0.0)
+        denominator = 2.0 * step_std * step_std * M
+        tl.store(log_prob_ptr + b, -tl.sum(acc_lp, axis=0) / denominator - tl.log(step_std) - LOG_SQRT_2PI)
+        if HAS_KL:
+            tl.store(kl_ptr + b, tl.sum(acc_kl, axis=0) / denominator)
+
+    @triton.jit
+    def _sde_logprob_bwd_kernel(x_ptr, x_next_ptr, v_ptr, ref_ptr, grad_v_ptr, grad_lp_ptr, grad_lp_stride,
+                                grad_kl_ptr, grad_kl_stride, sigma_ptr, sigma_next_ptr, std_ptr, M,
+                                HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
+        # d log_prob_b / d v = cv·(x' − μ)/(var·M);  d KL_b / d v = cv·(μ − μ_ref)/(var·M)
         block, b = tl.program_id(0), tl.program_id(1)
         cols = block * BLOCK + tl.arange(0, BLOCK)
         mask = cols < M
         offs = b.to(tl.int64) * M + cols
+        cx, cv, dt, step_std = _step_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, b)
+        scale = cv / (step_std * step_std * M)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x_next = tl.load(x_next_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = x * tl.load(cx_ptr + b) + v * tl.load(cv_ptr + b)
-        grad = tl.load(coef_lp_ptr + b) * (x_next - mean)
+        mean = x * cx + v * cv
+        grad = (tl.load(grad_lp_ptr + b * grad_lp_stride).to(tl.float32) * scale) * (x_next - mean)
         if HAS_REF:
             ref = tl.load(ref_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            grad += tl.load(coef_kl_ptr + b) * (mean - ref)
+            grad += (tl.load(grad_kl_ptr + b * grad_kl_stride).to(tl.float32) * scale) * (mean - ref)
         tl.store(grad_v_ptr + offs, grad.to(grad_v_ptr.dtype.element_ty), mask=mask)
 
 
 def _flat(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.reshape(batch, -1).contiguous()
+
+
+def _per_sample_fp32(t, batch: int, device) -> torch.Tensor:
+    """(B,) contiguous fp32 on `device`; a no-op (no launch) for what the sampler passes."""
+    t = torch.as_tensor(t, device=device)
+    if t.ndim == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"per-sample tensors must be ({batch},), got shape {tuple(t.shape)}")
+    return t.to(torch.float32).contiguous()
+
+
+def _finish(partial_lp, partial_kl, schedule, M):
+    """(log_prob (B,), kl (B,) or None) from per-block partial sums; one launch."""
+    B, num_blocks = partial_lp.shape
+    log_prob = torch.empty(B, dtype=torch.float32, device=partial_lp.device)
+    kl = torch.empty_like(log_prob) if partial_kl is not None else None
+    has_kl = partial_kl is not None
+    _sde_logprob_finish_kernel[(B,)](partial_lp, partial_kl if has_kl else partial_lp, log_prob,
+                                     kl if has_kl else log_prob, *schedule, M, num_blocks, LOG_SQRT_2PI,
+                                     HAS_KL=has_kl, BLOCK_P=min(1024, triton.next_power_of_2(num_blocks)))
+    return log_prob, kl
 
 
 def _grpo_step_triton(x, velocity, sigma, sigma_next, std_dev_t, noise, *, deterministic):
@@ -260,7 +310,7 @@ def _grpo_step_triton(x, velocity, sigma, sigma_next, std_dev_t, noise, *, deter
         raise ValueError(f"x, velocity and noise must share a shape; got {tuple(x.shape)}, "
                          f"{tuple(velocity.shape)}, {None if noise is None else tuple(noise.shape)}")
     M = x[0].numel()
-    cx, cv, dt, std = _step_coefficients(sigma, sigma_next, std_dev_t, B, x.device)
+    schedule = [_per_sample_fp32(t, B, x.device) for t in (sigma, sigma_next, std_dev_t)]
     x_flat, v_flat = _flat(x, B), _flat(velocity, B)
     noise_flat = x_flat if deterministic else _flat(noise, B)  # not read when deterministic
     x_next = torch.empty_like(x_flat)
@@ -268,9 +318,9 @@ def _grpo_step_triton(x, velocity, sigma, sigma_next, std_dev_t, noise, *, deter
     BLOCK = _block_size()
     num_blocks = triton.cdiv(M, BLOCK)
     partial = torch.empty(B, num_blocks, dtype=torch.float32, device=x.device)
-    _sde_step_kernel[(num_blocks, B)](x_flat, v_flat, noise_flat, x_next, mean, partial, cx, cv, dt, std,
+    _sde_step_kernel[(num_blocks, B)](x_flat, v_flat, noise_flat, x_next, mean, partial, *schedule,
                                       M, num_blocks, DETERMINISTIC=deterministic, BLOCK=BLOCK)
-    log_prob = -partial.sum(1) / (2 * std**2 * M) - torch.log(std) - LOG_SQRT_2PI
+    log_prob, _ = _finish(partial, None, schedule, M)
     return x_next.view(x.shape), log_prob, mean.view(x.shape)
 
 
@@ -281,34 +331,34 @@ class _SdeLogProbKL(torch.autograd.Function):
     def forward(ctx, x, x_next, velocity, ref_mean, sigma, sigma_next, std_dev_t):
         B = x.shape[0]
         M = x[0].numel()
-        cx, cv, _, std = _step_coefficients(sigma, sigma_next, std_dev_t, B, x.device)
+        schedule = [_per_sample_fp32(t, B, x.device) for t in (sigma, sigma_next, std_dev_t)]
         tensors = [_flat(t, B) for t in (x, x_next, velocity)]
         has_ref = ref_mean is not None
-        ref = _flat(ref_mean, B) if has_ref else tensors[0]
+        ref = _flat(ref_mean, B) if has_ref else tensors[0]  # not read without a reference
         BLOCK = _block_size()
         num_blocks = triton.cdiv(M, BLOCK)
         partial_lp = torch.empty(B, num_blocks, dtype=torch.float32, device=x.device)
-        partial_kl = torch.empty_like(partial_lp) if has_ref else partial_lp
-        _sde_logprob_fwd_kernel[(num_blocks, B)](*tensors, ref, partial_lp, partial_kl, cx, cv, M, num_blocks,
+        partial_kl = torch.empty_like(partial_lp) if has_ref else None
+        _sde_logprob_fwd_kernel[(num_blocks, B)](*tensors, ref, partial_lp,
+                                                 partial_kl if has_ref else partial_lp, *schedule, M, num_blocks,
                                                  HAS_REF=has_ref, BLOCK=BLOCK)
-        variance = std**2
-        log_prob = -partial_lp.sum(1) / (2 * variance * M) - torch.log(std) - LOG_SQRT_2PI
-        kl = partial_kl.sum(1) / (2 * variance * M) if has_ref else torch.zeros_like(log_prob)
-        ctx.save_for_backward(*tensors, ref, cx, cv, variance)
+        log_prob, kl = _finish(partial_lp, partial_kl, schedule, M)
+        if kl is None:
+            kl = torch.zeros_like(log_prob)
+        ctx.save_for_backward(*tensors, ref, *schedule)
         ctx.has_ref, ctx.shape, ctx.dtype = has_ref, velocity.shape, velocity.dtype
         return log_prob, kl
 
     @staticmethod
     def backward(ctx, grad_log_prob, grad_kl):
-        x, x_next, velocity, ref, cx, cv, variance = ctx.saved_tensors
+        x, x_next, velocity, ref, *schedule = ctx.saved_tensors
         B, M = x.shape
-        scale = cv / (variance * M)
-        coef_lp = (grad_log_prob.float() * scale).contiguous()
-        coef_kl = (grad_kl.float() * scale).contiguous()
         grad_v = torch.empty(B, M, dtype=ctx.dtype, device=x.device)
         BLOCK = _block_size()
-        _sde_logprob_bwd_kernel[(triton.cdiv(M, BLOCK), B)](x, x_next, velocity, ref, grad_v, coef_lp, coef_kl,
-                                                            cx, cv, M, HAS_REF=ctx.has_ref, BLOCK=BLOCK)
+        # The incoming (B,) grads are often expanded scalars (stride 0): read them by stride.
+        _sde_logprob_bwd_kernel[(triton.cdiv(M, BLOCK), B)](
+            x, x_next, velocity, ref, grad_v, grad_log_prob, grad_log_prob.stride(0), grad_kl, grad_kl.stride(0),
+            *schedule, M, HAS_REF=ctx.has_ref, BLOCK=BLOCK)
         return None, None, grad_v.view(ctx.shape), None, None, None, None
 
 
