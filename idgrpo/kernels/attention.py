@@ -30,6 +30,8 @@ Design of the Triton path (FlashAttention-2 style):
   the sequence (varlen: the batch stride is 0 and each program reads its start and length
   from cu_seqlens; programs past a short sequence's end return at once); query head h
   reads kv head h // (H // Hkv), so GQA needs no copy of k and v.
+- Only edge tiles (padding keys, sequence ends, the causal diagonal) are masked; tiles
+  wholly inside the visible region run mask-free (Note [masked and unmasked tiles]).
 - Head dims that are not powers of two (80) run in the next power-of-two tile (128) with
   masked loads. fp32 inputs use IEEE fp32 dots (no TF32), bf16/fp16 accumulate in fp32.
 """
@@ -177,12 +179,58 @@ if _backend.triton_available():
         return q_start, q_len, k_start, k_len, k_valid, causal_offset
 
     @triton.jit
+    def _load_tile(ptrs, row_ok, d_ok, MASK_ROWS: tl.constexpr, PAD_D: tl.constexpr):
+        """A (rows, BLOCK_D) tile; masks only what can be out of bounds (zeros there)."""
+        if MASK_ROWS:
+            if PAD_D:
+                tile = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            else:
+                tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            if PAD_D:
+                tile = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+            else:
+                tile = tl.load(ptrs)
+        return tile
+
+    @triton.jit
     def _visible(rows, cols, k_valid, causal_offset, CAUSAL: tl.constexpr):
         """(BLOCK_M, BLOCK_N) mask of the keys `cols` each query `rows` may attend to."""
         visible = (cols < k_valid)[None, :] & (rows >= 0)[:, None]
         if CAUSAL:
             visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
         return visible
+
+    # Note [masked and unmasked tiles]: tiles that lie entirely inside the visible region
+    # (no padding key, no sequence end, wholly below the causal diagonal) run without any
+    # mask; only the edge tiles pay for masking. The tiles are still visited in the same
+    # order, and masking a visible element is the identity, so the split changes no bit.
+
+    @triton.jit
+    def _fwd_key_tiles(acc, row_sum, row_max, q, k_base, v_base, stride_kl, stride_vl, k_start, rows, d_ok,
+                       start_n, end_n, k_valid, causal_offset, qk_scale,
+                       MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAD_D: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Online softmax over the key tiles [start_n, end_n) for one query tile."""
+        offs_n = tl.arange(0, BLOCK_N)
+        for tile_n in range(start_n, end_n, BLOCK_N):
+            cols = tile_n + offs_n
+            kv_rows = (k_start + cols).to(tl.int64)[:, None]
+            k = _load_tile(k_base + kv_rows * stride_kl, cols < k_valid, d_ok, MASKED, PAD_D)  # (BLOCK_N, BLOCK_D)
+            v = _load_tile(v_base + kv_rows * stride_vl, cols < k_valid, d_ok, MASKED, PAD_D)  # (BLOCK_N, BLOCK_D)
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+            if MASKED:
+                scores = tl.where(_visible(rows, cols, k_valid, causal_offset, CAUSAL), scores, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(scores, 1))
+            # A row that has seen only masked keys keeps max -inf; shift by 0 so that
+            # exp2(-inf - shift) = 0 instead of exp2(-inf + inf) = NaN.
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            correction = tl.exp2(row_max - shift)
+            probs = tl.exp2(scores - shift[:, None])
+            row_sum = row_sum * correction + tl.sum(probs, 1)
+            acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+            row_max = new_max
+        return acc, row_sum, row_max
 
     @triton.autotune(configs=_configs("BLOCK_M", _ROW_TILE_OPTIONS), key=_TUNE_KEY)
     @triton.jit
@@ -195,29 +243,29 @@ if _backend.triton_available():
         stride_lse_b, stride_lse_h,
         len_q, len_k, sm_scale, group,
         TUNE_LEN_Q, TUNE_LEN_K,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-        HAS_K_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr, CAUSAL: tl.constexpr,
+        VARLEN: tl.constexpr, HAS_K_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        """One program = one (query block, head, sequence): loops over key blocks with an
+        """One program = one (query tile, head, sequence): loops over key tiles with an
         online softmax; writes O and the row log-sum-exp (log2 units) for the backward."""
         block_m = tl.program_id(0)
         head = tl.program_id(1)
         batch = tl.program_id(2)
         q_start, q_len, k_start, k_len, k_valid, causal_offset = _sequence_bounds(
             batch, CU_Q, CU_K, K_LENS, len_q, len_k, VARLEN, HAS_K_LENS)
-        if block_m * BLOCK_M >= q_len:
+        first_row = block_m * BLOCK_M
+        if first_row >= q_len:
             return
         kv_head = head // group
-        rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
+        rows = first_row + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = rows < q_len
         d_ok = offs_d < HEAD_DIM  # head dim 80 runs in a 128-wide tile
 
-        q_ptrs = (Q + batch.to(tl.int64) * stride_qb + head * stride_qh
-                  + (q_start + rows).to(tl.int64)[:, None] * stride_ql + offs_d[None, :])
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        q_rows = (q_start + rows).to(tl.int64)[:, None]
+        q = _load_tile(Q + batch.to(tl.int64) * stride_qb + head * stride_qh + q_rows * stride_ql + offs_d[None, :],
+                       row_ok, d_ok, True, PAD_D)  # (BLOCK_M, BLOCK_D)
         k_base = K + batch.to(tl.int64) * stride_kb + kv_head * stride_kh + offs_d[None, :]
         v_base = V + batch.to(tl.int64) * stride_vb + kv_head * stride_vh + offs_d[None, :]
 
@@ -227,32 +275,23 @@ if _backend.triton_available():
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
         end_n = k_valid
-        if CAUSAL:  # keys past the last row's diagonal are invisible to the whole block
-            end_n = tl.minimum(end_n, (block_m + 1) * BLOCK_M + causal_offset)
-        for start_n in range(0, end_n, BLOCK_N):
-            cols = start_n + offs_n
-            kv_mask = (cols < k_valid)[:, None] & d_ok[None, :]
-            kv_rows = (k_start + cols).to(tl.int64)[:, None]
-            k = tl.load(k_base + kv_rows * stride_kl, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-            v = tl.load(v_base + kv_rows * stride_vl, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-            scores = tl.where(_visible(rows, cols, k_valid, causal_offset, CAUSAL), scores, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(scores, 1))
-            # A row that has seen only masked keys keeps max -inf; shift by 0 so that
-            # exp2(-inf - shift) = 0 instead of exp2(-inf + inf) = NaN.
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            correction = tl.exp2(row_max - shift)
-            probs = tl.exp2(scores - shift[:, None])
-            row_sum = row_sum * correction + tl.sum(probs, 1)
-            acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
-            row_max = new_max
+        full_end = k_valid  # keys below it are visible to every row of the tile
+        if CAUSAL:  # keys past the last row's diagonal are invisible to the whole tile
+            end_n = tl.minimum(end_n, first_row + BLOCK_M + causal_offset)
+            full_end = tl.minimum(full_end, first_row + causal_offset + 1)
+        full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+        acc, row_sum, row_max = _fwd_key_tiles(
+            acc, row_sum, row_max, q, k_base, v_base, stride_kl, stride_vl, k_start, rows, d_ok,
+            0, full_end, k_valid, causal_offset, qk_scale, False, CAUSAL, PAD_D, DOT_PRECISION, BLOCK_N)
+        acc, row_sum, row_max = _fwd_key_tiles(
+            acc, row_sum, row_max, q, k_base, v_base, stride_kl, stride_vl, k_start, rows, d_ok,
+            full_end, end_n, k_valid, causal_offset, qk_scale, True, CAUSAL, PAD_D, DOT_PRECISION, BLOCK_N)
 
         sees_a_key = row_sum > 0.0
         out = acc / tl.where(sees_a_key, row_sum, 1.0)[:, None]
         # +inf for rows without keys: the backward's exp2(s - lse) is then exactly 0.
         lse = tl.where(sees_a_key, row_max + tl.log2(tl.where(sees_a_key, row_sum, 1.0)), float("inf"))
-        o_ptrs = (O + batch.to(tl.int64) * stride_ob + head * stride_oh
-                  + (q_start + rows).to(tl.int64)[:, None] * stride_ol + offs_d[None, :])
+        o_ptrs = O + batch.to(tl.int64) * stride_ob + head * stride_oh + q_rows * stride_ol + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
         lse_ptrs = LSE + batch.to(tl.int64) * stride_lse_b + head * stride_lse_h + q_start + rows
         tl.store(lse_ptrs, lse, mask=row_ok)
@@ -290,6 +329,39 @@ if _backend.triton_available():
         tl.store(DELTA + batch.to(tl.int64) * stride_lse_b + head * stride_lse_h + q_start + rows, delta,
                  mask=rows < q_len)
 
+    @triton.jit
+    def _dkdv_query_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_ql, stride_dol,
+                          q_start, q_len, cols, k_valid, causal_offset, qk_scale, d_ok, start_m, end_m,
+                          MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAD_D: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Accumulates dk, dv of one key tile over the query tiles [start_m, end_m) of one head.
+        Tiles are transposed (keys x queries) so dk and dv accumulate without transposes."""
+        offs_m = tl.arange(0, BLOCK_M)
+        for tile_m in range(start_m, end_m, BLOCK_M):
+            rows = tile_m + offs_m
+            row_ok = rows < q_len
+            q_rows = (q_start + rows).to(tl.int64)[:, None]
+            q = _load_tile(q_base + q_rows * stride_ql, row_ok, d_ok, MASKED, PAD_D)  # (BLOCK_M, BLOCK_D)
+            do = _load_tile(do_base + q_rows * stride_dol, row_ok, d_ok, MASKED, PAD_D)  # (BLOCK_M, BLOCK_D)
+            if MASKED:
+                lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
+                delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+            else:
+                lse = tl.load(lse_base + rows)
+                delta = tl.load(delta_base + rows)
+            scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+            probs_t = tl.exp2(scores_t - lse[None, :])
+            if MASKED:
+                visible_t = (cols < k_valid)[:, None] & row_ok[None, :]
+                if CAUSAL:
+                    visible_t = visible_t & (cols[:, None] <= rows[None, :] + causal_offset)
+                probs_t = tl.where(visible_t, probs_t, 0.0)
+            dv += tl.dot(probs_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dprobs_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+            dscores_t = probs_t * (dprobs_t - delta[None, :])
+            dk += tl.dot(dscores_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        return dk, dv
+
     @triton.autotune(configs=_configs("BLOCK_N", _ROW_TILE_OPTIONS), key=_TUNE_KEY)
     @triton.jit
     def _attention_bwd_dkdv_kernel(
@@ -303,62 +375,61 @@ if _backend.triton_available():
         stride_lse_b, stride_lse_h,
         len_q, len_k, sm_scale, group,
         TUNE_LEN_Q, TUNE_LEN_K,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-        HAS_K_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr, CAUSAL: tl.constexpr,
+        VARLEN: tl.constexpr, HAS_K_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        """One program = one (key block, kv head, sequence): accumulates dk and dv over every
-        query block of every query head in its GQA group, in a fixed order (no atomics)."""
+        """One program = one (key tile, kv head, sequence): accumulates dk and dv over every
+        query tile of every query head in its GQA group, in a fixed order (no atomics)."""
         block_n = tl.program_id(0)
         kv_head = tl.program_id(1)
         batch = tl.program_id(2)
         q_start, q_len, k_start, k_len, k_valid, causal_offset = _sequence_bounds(
             batch, CU_Q, CU_K, K_LENS, len_q, len_k, VARLEN, HAS_K_LENS)
-        if block_n * BLOCK_N >= k_len:
+        first_col = block_n * BLOCK_N
+        if first_col >= k_len:
             return
-        cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
+        cols = first_col + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
         kv_rows = (k_start + cols).to(tl.int64)[:, None]
-        kv_mask = (cols < k_valid)[:, None] & d_ok[None, :]
-        k = tl.load(K + batch.to(tl.int64) * stride_kb + kv_head * stride_kh + kv_rows * stride_kl
-                    + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(V + batch.to(tl.int64) * stride_vb + kv_head * stride_vh + kv_rows * stride_vl
-                    + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        k = _load_tile(K + batch.to(tl.int64) * stride_kb + kv_head * stride_kh + kv_rows * stride_kl
+                       + offs_d[None, :], cols < k_valid, d_ok, True, PAD_D)  # (BLOCK_N, BLOCK_D)
+        v = _load_tile(V + batch.to(tl.int64) * stride_vb + kv_head * stride_vh + kv_rows * stride_vl
+                       + offs_d[None, :], cols < k_valid, d_ok, True, PAD_D)  # (BLOCK_N, BLOCK_D)
         qk_scale = sm_scale * 1.4426950408889634
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
-        # Queries before the diagonal of this block's first key see none of its keys.
+        # Query tiles [begin_m, full_start) straddle the causal diagonal, [full_start,
+        # full_end) see every key of this tile, [full_end, end_m) hold the sequence end.
+        # Keys that are all padding get zero gradients: their loop is empty.
+        end_m = tl.where(first_col < k_valid, q_len, 0)
         begin_m = 0
-        if CAUSAL:
-            begin_m = tl.maximum(block_n * BLOCK_N - causal_offset, 0) // BLOCK_M * BLOCK_M
-        # Keys that are all masked (padding) get zero gradients: skip the loop for them.
-        end_m = tl.where(block_n * BLOCK_N < k_valid, q_len, 0)
+        full_start = 0
+        if CAUSAL:  # queries before this tile's first diagonal see none of its keys
+            begin_m = tl.maximum(first_col - causal_offset, 0) // BLOCK_M * BLOCK_M
+            full_start = tl.cdiv(tl.maximum(first_col + BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M
+        full_start = tl.minimum(tl.maximum(full_start, begin_m), end_m)
+        full_end = tl.where(first_col + BLOCK_N <= k_valid, q_len // BLOCK_M * BLOCK_M, 0)
+        full_end = tl.minimum(tl.maximum(full_end, full_start), end_m)
         for member in range(0, group):
             head = kv_head * group + member
             q_base = Q + batch.to(tl.int64) * stride_qb + head * stride_qh + offs_d[None, :]
             do_base = DO + batch.to(tl.int64) * stride_dob + head * stride_doh + offs_d[None, :]
-            stats_base = batch.to(tl.int64) * stride_lse_b + head * stride_lse_h + q_start
-            for start_m in range(begin_m, end_m, BLOCK_M):
-                rows = start_m + offs_m
-                row_ok = rows < q_len
-                q_rows = (q_start + rows).to(tl.int64)[:, None]
-                q = tl.load(q_base + q_rows * stride_ql, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                do = tl.load(do_base + q_rows * stride_dol, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                lse = tl.load(LSE + stats_base + rows, mask=row_ok, other=float("inf"))
-                delta = tl.load(DELTA + stats_base + rows, mask=row_ok, other=0.0)
-                # Transposed tiles (keys x queries) so dk, dv accumulate without transposes.
-                scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-                visible_t = (cols < k_valid)[:, None] & row_ok[None, :]
-                if CAUSAL:
-                    visible_t = visible_t & (cols[:, None] <= rows[None, :] + causal_offset)
-                probs_t = tl.where(visible_t, tl.exp2(scores_t - lse[None, :]), 0.0)
-                dv += tl.dot(probs_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-                dprobs_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-                dscores_t = probs_t * (dprobs_t - delta[None, :])
-                dk += tl.dot(dscores_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+            stats_offset = batch.to(tl.int64) * stride_lse_b + head * stride_lse_h + q_start
+            dk, dv = _dkdv_query_tiles(
+                dk, dv, k, v, q_base, do_base, LSE + stats_offset, DELTA + stats_offset, stride_ql, stride_dol,
+                q_start, q_len, cols, k_valid, causal_offset, qk_scale, d_ok, begin_m, full_start,
+                True, CAUSAL, PAD_D, DOT_PRECISION, BLOCK_M)
+            dk, dv = _dkdv_query_tiles(
+                dk, dv, k, v, q_base, do_base, LSE + stats_offset, DELTA + stats_offset, stride_ql, stride_dol,
+                q_start, q_len, cols, k_valid, causal_offset, qk_scale, d_ok, full_start, full_end,
+                False, CAUSAL, PAD_D, DOT_PRECISION, BLOCK_M)
+            dk, dv = _dkdv_query_tiles(
+                dk, dv, k, v, q_base, do_base, LSE + stats_offset, DELTA + stats_offset, stride_ql, stride_dol,
+                q_start, q_len, cols, k_valid, causal_offset, qk_scale, d_ok, full_end, end_m,
+                True, CAUSAL, PAD_D, DOT_PRECISION, BLOCK_M)
         dk = dk * sm_scale
 
         out_mask = (cols < k_len)[:, None] & d_ok[None, :]
@@ -366,6 +437,27 @@ if _backend.triton_available():
                  + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_mask)
         tl.store(DV + batch.to(tl.int64) * stride_dvb + kv_head * stride_dvh + kv_rows * stride_dvl
                  + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _dq_key_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_vl, k_start, rows, d_ok,
+                      start_n, end_n, k_valid, causal_offset, qk_scale,
+                      MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAD_D: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Accumulates dq of one query tile over the key tiles [start_n, end_n)."""
+        offs_n = tl.arange(0, BLOCK_N)
+        for tile_n in range(start_n, end_n, BLOCK_N):
+            cols = tile_n + offs_n
+            kv_rows = (k_start + cols).to(tl.int64)[:, None]
+            k = _load_tile(k_base + kv_rows * stride_kl, cols < k_valid, d_ok, MASKED, PAD_D)  # (BLOCK_N, BLOCK_D)
+            v = _load_tile(v_base + kv_rows * stride_vl, cols < k_valid, d_ok, MASKED, PAD_D)  # (BLOCK_N, BLOCK_D)
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+            probs = tl.exp2(scores - lse[:, None])
+            if MASKED:
+                probs = tl.where(_visible(rows, cols, k_valid, causal_offset, CAUSAL), probs, 0.0)
+            dprobs = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            dscores = probs * (dprobs - delta[:, None])
+            dq += tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
+        return dq
 
     @triton.autotune(configs=_configs("BLOCK_M", _ROW_TILE_OPTIONS), key=_TUNE_KEY)
     @triton.jit
@@ -379,30 +471,29 @@ if _backend.triton_available():
         stride_lse_b, stride_lse_h,
         len_q, len_k, sm_scale, group,
         TUNE_LEN_Q, TUNE_LEN_K,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-        HAS_K_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr, CAUSAL: tl.constexpr,
+        VARLEN: tl.constexpr, HAS_K_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        """One program = one (query block, head, sequence): accumulates dq over key blocks."""
+        """One program = one (query tile, head, sequence): accumulates dq over key tiles."""
         block_m = tl.program_id(0)
         head = tl.program_id(1)
         batch = tl.program_id(2)
         q_start, q_len, k_start, k_len, k_valid, causal_offset = _sequence_bounds(
             batch, CU_Q, CU_K, K_LENS, len_q, len_k, VARLEN, HAS_K_LENS)
-        if block_m * BLOCK_M >= q_len:
+        first_row = block_m * BLOCK_M
+        if first_row >= q_len:
             return
         kv_head = head // group
-        rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
+        rows = first_row + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = rows < q_len
         d_ok = offs_d < HEAD_DIM
         q_rows = (q_start + rows).to(tl.int64)[:, None]
-        row_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + batch.to(tl.int64) * stride_qb + head * stride_qh + q_rows * stride_ql + offs_d[None, :],
-                    mask=row_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
-        do = tl.load(DO + batch.to(tl.int64) * stride_dob + head * stride_doh + q_rows * stride_dol
-                     + offs_d[None, :], mask=row_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+        q = _load_tile(Q + batch.to(tl.int64) * stride_qb + head * stride_qh + q_rows * stride_ql + offs_d[None, :],
+                       row_ok, d_ok, True, PAD_D)  # (BLOCK_M, BLOCK_D)
+        do = _load_tile(DO + batch.to(tl.int64) * stride_dob + head * stride_doh + q_rows * stride_dol
+                        + offs_d[None, :], row_ok, d_ok, True, PAD_D)  # (BLOCK_M, BLOCK_D)
         stats_ptrs = batch.to(tl.int64) * stride_lse_b + head * stride_lse_h + q_start + rows
         lse = tl.load(LSE + stats_ptrs, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + stats_ptrs, mask=row_ok, other=0.0)
@@ -412,23 +503,20 @@ if _backend.triton_available():
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
         end_n = k_valid
+        full_end = k_valid
         if CAUSAL:
-            end_n = tl.minimum(end_n, (block_m + 1) * BLOCK_M + causal_offset)
-        for start_n in range(0, end_n, BLOCK_N):
-            cols = start_n + offs_n
-            kv_mask = (cols < k_valid)[:, None] & d_ok[None, :]
-            kv_rows = (k_start + cols).to(tl.int64)[:, None]
-            k = tl.load(k_base + kv_rows * stride_kl, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-            v = tl.load(v_base + kv_rows * stride_vl, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-            visible = _visible(rows, cols, k_valid, causal_offset, CAUSAL)
-            probs = tl.where(visible, tl.exp2(scores - lse[:, None]), 0.0)
-            dprobs = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-            dscores = probs * (dprobs - delta[:, None])
-            dq += tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
+            end_n = tl.minimum(end_n, first_row + BLOCK_M + causal_offset)
+            full_end = tl.minimum(full_end, first_row + causal_offset + 1)
+        full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+        dq = _dq_key_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_vl, k_start, rows, d_ok,
+                           0, full_end, k_valid, causal_offset, qk_scale, False, CAUSAL, PAD_D, DOT_PRECISION,
+                           BLOCK_N)
+        dq = _dq_key_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kl, stride_vl, k_start, rows, d_ok,
+                           full_end, end_n, k_valid, causal_offset, qk_scale, True, CAUSAL, PAD_D, DOT_PRECISION,
+                           BLOCK_N)
         dq = dq * sm_scale
         tl.store(DQ + batch.to(tl.int64) * stride_dqb + head * stride_dqh + q_rows * stride_dql + offs_d[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=row_mask)
+                 dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------
@@ -499,7 +587,8 @@ class _Geometry:
     def common(self) -> dict:
         return dict(len_q=self.len_q, len_k=self.len_k, sm_scale=self.scale, group=self.group,
                     TUNE_LEN_Q=self.tune_len_q, TUNE_LEN_K=self.tune_len_k,
-                    HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, CAUSAL=self.causal, VARLEN=self.varlen,
+                    HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, PAD_D=self.block_d != self.head_dim,
+                    CAUSAL=self.causal, VARLEN=self.varlen,
                     HAS_K_LENS=self.has_k_lens, DOT_PRECISION=self.dot_precision)
 
 
