@@ -20,6 +20,7 @@ import sys
 # name -> (target "module:function", one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("idgrpo.env:env", "Versions, devices, optional accelerators and the kernel backend per op."),
+    "encode-prompts": ("idgrpo.models.prompt_cache:encode_prompts", "Cache umT5 prompt embeddings."),
 }
 
 

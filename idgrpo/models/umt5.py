@@ -30,7 +30,7 @@ from torch import nn
 
 _PRESETS = {
     "umt5-xxl": dict(vocab_size=256_384, dim=4096, num_heads=64, head_dim=64, ffn_dim=10_240, num_layers=24),
-    "tiny": dict(vocab_size=256, dim=32, num_heads=4, head_dim=8, ffn_dim=48, num_layers=2),
+    "tiny": dict(vocab_size=384, dim=32, num_heads=4, head_dim=8, ffn_dim=48, num_layers=2),
 }
 
 
@@ -313,24 +313,29 @@ class UMT5Tokenizer:
     Appends `</s>` through the file's post-processor, truncates to `text_len` (keeping `</s>`), pads with
     `<pad>`; `clean=True` applies `clean_prompt` first (diffusers does, Identity-GRPO's encoder does not)."""
 
-    def __init__(self, path: str | Path, text_len: int = 512, *, clean: bool = True):
+    def __init__(self, path, text_len: int = 512, *, clean: bool = True):
+        """path: a tokenizer.json, a directory holding one, or an already built `tokenizers.Tokenizer`."""
         try:
             from tokenizers import Tokenizer
         except ImportError as e:  # pragma: no cover
             raise ImportError('the umT5 tokenizer needs `tokenizers`: pip install "idgrpo[vlm]"') from e
-        path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: tokenizer.json not found")
-        self.path, self.text_len, self.clean = path, text_len, clean
-        self._tok = Tokenizer.from_file(str(path))
-        pad_id = self._tok.token_to_id("<pad>")
+        if isinstance(path, Tokenizer):
+            self.path, tok = None, Tokenizer.from_str(path.to_str())  # a copy: truncation is set below
+        else:
+            path = Path(path)
+            if path.is_dir():
+                path = path / "tokenizer.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: tokenizer.json not found")
+            self.path, tok = path, Tokenizer.from_file(str(path))
+        self.text_len, self.clean = text_len, clean
+        pad_id = tok.token_to_id("<pad>")
         if pad_id is None:
-            raise ValueError(f"{path}: tokenizer has no <pad> token")
+            raise ValueError(f"{self.path or 'tokenizer'}: has no <pad> token")
         self.pad_id = pad_id
-        self._tok.no_padding()
-        self._tok.enable_truncation(max_length=text_len)
+        tok.no_padding()
+        tok.enable_truncation(max_length=text_len)
+        self._tok = tok
 
     def __call__(self, prompts: list[str]) -> TokenizedBatch:
         texts = [clean_prompt(p) if self.clean else p for p in prompts]
@@ -342,3 +347,17 @@ class UMT5Tokenizer:
             ids[row, :n] = torch.tensor(enc.ids, dtype=torch.long)
             mask[row, :n] = True
         return TokenizedBatch(ids, mask, [bool(enc.overflowing) for enc in encodings])
+
+
+def byte_tokenizer():
+    """A tokenizer.json-compatible byte-level tokenizer (<pad>=0, </s>=1, <unk>=2, then one token per byte)
+    for the tiny random-weight preset: any text encodes, so tests and the CPU demo need no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{ch: i + 3 for i, ch in enumerate(sorted(alphabet))}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return tok
