@@ -1,0 +1,105 @@
+"""Process group setup from torchrun's environment, and the few collectives the engine uses.
+
+Usage:
+    info = init_distributed()          # one CPU process, `torchrun --nproc-per-node 8 ...`, or several nodes
+    model = FSDP(model)                # same code in every case
+
+Note: world size 1 is just a small world. Without torchrun's environment we still create a
+real process group (one rank, in-process HashStore), so every collective at every call site
+runs and is trivially correct; nothing in the engine or the trainers branches on "distributed
+or not".
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# torch >= 2.11 renamed the tensor-in/tensor-out collectives; keep working on older releases.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    """Global rank of this process."""
+    world_size: int
+    """Number of processes."""
+    local_rank: int
+    """Rank on this node (selects the GPU)."""
+    device: torch.device
+    """`cuda:<local_rank>` when CUDA is available, else `cpu`."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _device_for(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(timeout_s: float = 600.0) -> DistInfo:
+    """Initialise (or reuse) the default process group and return who we are.
+
+    - already initialised (e.g. by `idgrpo.testing.run_distributed`): reused as is;
+    - torchrun environment (RANK / WORLD_SIZE / MASTER_ADDR): NCCL on CUDA, gloo on CPU;
+    - neither: a one-rank group on an in-process store.
+
+    `timeout_s` bounds every collective, so a rank that dies or raises makes the others
+    fail with an error instead of hanging forever.
+    """
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _device_for(local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        # Make NCCL surface a timed-out or failed collective as an exception that kills the process.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=timeout_s)
+        if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+            kwargs = {"device_id": device} if device.type == "cuda" else {}
+            dist.init_process_group(backend, timeout=timeout, **kwargs)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def shutdown() -> None:
+    """Destroy the process group (safe to call twice)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size) of the default group; (0, 1) before initialisation."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """In-place mean over ranks (fp32 accumulation for low-precision inputs); returns `t`."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    buf = t if t.dtype in (torch.float32, torch.float64) else t.float()
+    dist.all_reduce(buf)
+    buf.div_(dist.get_world_size())
+    if buf is not t:
+        t.copy_(buf)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
