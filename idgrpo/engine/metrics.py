@@ -1,0 +1,125 @@
+"""Training metrics without host syncs in the step, and a rank-0 progress bar.
+
+Usage:
+    metrics = Metrics("runs/exp1", rank=info.rank)
+    for step in progress(range(steps), rank=info.rank, desc="train"):
+        ...
+        metrics.add("loss", loss)               # a device op, no sync
+        if step % 10 == 0:
+            logged = metrics.flush(step)        # the one host read per interval
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+class Metrics:
+    """Accumulates named values on device; `flush` reads them once per logging interval.
+
+    A value may be a float or a tensor of any shape (its mean is taken). A metric's logged
+    value is the mean of everything added since the last flush. With `all_reduce=True` the
+    means are averaged over ranks (a collective: every rank must flush with the same names).
+    """
+
+    def __init__(self, log_dir: str | Path | None = None, *, rank: int = 0, all_reduce: bool = False,
+                 tensorboard: bool = True):
+        self.rank = rank
+        self.all_reduce = all_reduce
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+        self._t0 = time.perf_counter()
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self._jsonl = None
+        self._tb = None
+        if self.log_dir is not None and rank == 0:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.log_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(str(self.log_dir / "tb"))
+                except ImportError:  # tensorboard not installed: JSON lines only
+                    self._tb = None
+
+    def add(self, name: str, value: torch.Tensor | float) -> None:
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+            value = value.float().mean() if value.numel() != 1 else value.float().reshape(())
+        else:
+            value = torch.tensor(float(value))
+        if name in self._sums:
+            self._sums[name].add_(value.to(self._sums[name].device))
+        else:
+            self._sums[name] = value.clone()
+        self._counts[name] = self._counts.get(name, 0) + 1
+
+    def flush(self, step: int) -> dict[str, float]:
+        """Means since the last flush as floats (one device-to-host copy); logs them on rank 0."""
+        names = sorted(self._sums)
+        out: dict[str, float] = {}
+        if names:
+            device = next(iter(self._sums.values())).device
+            means = torch.stack([self._sums[n].to(device) / self._counts[n] for n in names])
+            if self.all_reduce and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(means)
+                means /= dist.get_world_size()
+            out = dict(zip(names, means.tolist()))
+        self._sums.clear()
+        self._counts.clear()
+        if self.rank == 0:
+            record = {"step": step, "time_s": round(time.perf_counter() - self._t0, 3), **out}
+            if self._jsonl is not None:
+                self._jsonl.write(json.dumps(record) + "\n")
+            if self._tb is not None:
+                for k, v in out.items():
+                    self._tb.add_scalar(k, v, step)
+        return out
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> Metrics:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress(iterable: Iterable | None = None, *, rank: int = 0, total: int | None = None, desc: str | None = None,
+             **tqdm_kwargs):
+    """tqdm on rank 0; on other ranks the iterable itself (or a do-nothing bar)."""
+    if rank == 0:
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, **tqdm_kwargs)
+    return iterable if iterable is not None else _NoBar()
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
