@@ -1,0 +1,214 @@
+"""Configuration of `idgrpo train-grpo`, with the named presets `tiny` (CPU demo), `vace-1.3b` (the Identity-GRPO
+reference recipe, spec §6.3) and `phantom-1.3b`.
+
+    GRPOConfig.from_name("vace-1.3b")                                  # in Python
+    idgrpo train-grpo vace-1.3b --train-csv data/train.csv ...         # on the command line (one preset per subcommand)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from idgrpo.rl.sampler import NOISE_SCHEDULES
+from idgrpo.rl.schedules import GRIDS
+
+MODELS = ("toy", "tiny", "vace-1.3b", "phantom-1.3b")
+
+
+@dataclass
+class GRPOConfig:
+    """Identity-GRPO training: sampling, grouping, optimisation, evaluation and run bookkeeping."""
+
+    # --- model and data ---------------------------------------------------------------------------------------------
+    model: str = "toy"
+    """Policy: "toy" (a tiny analytic flow model, CPU seconds), "tiny" (the tiny Wan DiT + LoRA),
+    "vace-1.3b" / "phantom-1.3b" (weights from `weights_dir`)."""
+    weights_dir: str | None = None
+    """Directory of the DiT checkpoint (original Wan or diffusers key names); required for the 1.3B models."""
+    vae_path: str | None = None
+    """Wan VAE weights (`Wan2.1_VAE.pth` or safetensors); decodes rollouts for the reward, encodes references."""
+    prompt_cache: str | None = None
+    """Text-embedding cache written by `idgrpo encode-prompts` (umT5 outputs, padded to 512)."""
+    train_csv: str | None = None
+    """Training rows in the reference format: columns `ref_paths,prompt`, reference paths separated by `;`."""
+    test_csv: str | None = None
+    """Evaluation rows, same format; evaluated every `eval_every` epochs with fixed noise and the ODE sampler."""
+    reward: str = "idgrpo.rl.toy:brightness_reward"
+    """Reward factory "module:function", called as factory(config, device) -> score(frames, references, prompts).
+    Resolved at run time, so the trainer never imports a reward implementation (DESIGN.md layering)."""
+    run_dir: str = "runs/grpo"
+    """Metrics (JSON lines), checkpoints, LoRA (PEFT) + EMA exports, reward curve PNG and sample videos."""
+
+    # --- video and sampler ------------------------------------------------------------------------------------------
+    height: int = 240
+    """Video height in pixels (multiple of 16)."""
+    width: int = 416
+    """Video width in pixels (multiple of 16)."""
+    num_frames: int = 33
+    """Frames per video, 4k+1."""
+    num_steps: int = 25
+    """Sampling steps of a training rollout."""
+    shift: float = 3.0
+    """Flow shift of the σ grid (the diffusers Wan2.1 / VACE scheduler ships 3.0)."""
+    grid: str = "diffusers"
+    """σ grid: "diffusers" (Identity-GRPO), "wan" (original Wan / Phantom) or "wan_dpm"."""
+    guidance: float = 4.5
+    """Classifier-free guidance scale of rollouts and training (1.0 = CFG-free: one forward per step)."""
+    guidance_image: float = 5.0
+    """Phantom only: the image guidance scale of its three-pass CFG (`guidance` is the text scale)."""
+    negative_prompt: str = ""
+    """Negative prompt of the unconditional branch; empty = Wan's default Chinese negative prompt from the cache."""
+    noise_schedule: str = "identity_grpo"
+    """SDE noise level s_t: "identity_grpo" (sigmas[1]·σ) or "flow_grpo" (noise_level·√(σ/(1−σ)))."""
+    noise_level: float = 0.7
+    """The a of the flow_grpo noise schedule."""
+    sde_window_size: int = 0
+    """Steps that are stochastic (and trained); 0 = every step. Elsewhere the rollout takes Euler ODE steps."""
+    sde_window_start: int = 0
+    """First SDE step of a fixed window."""
+    sde_window_slide_every: int = 0
+    """Advance the window by `sde_window_stride` steps every this many epochs (0 = fixed window)."""
+    sde_window_stride: int = 1
+    """Steps the sliding window advances by."""
+    timestep_fraction: float = 0.99
+    """Train on the SDE steps among the first ⌊num_steps·fraction⌋ steps (24 of 25 in the reference)."""
+
+    # --- grouping and batching --------------------------------------------------------------------------------------
+    group_size: int = 8
+    """G: videos sampled per prompt row; the row's videos form its advantage group."""
+    prompts_per_epoch: int = 4
+    """Prompt rows drawn per epoch (global); an epoch samples prompts_per_epoch·G videos over all ranks."""
+    rollout_batch_size: int = 1
+    """Videos per rollout forward, per rank (the CFG forward runs 2x this batch)."""
+    train_batch_size: int = 1
+    """Videos per training micro-batch, per rank; may differ from rollout_batch_size."""
+    inner_epochs: int = 1
+    """Passes of the update over one epoch's samples."""
+    updates_per_epoch: int = 1
+    """Optimizer steps per inner epoch (gradients accumulate over the micro-batches and trained steps between)."""
+
+    # --- optimisation -----------------------------------------------------------------------------------------------
+    lr: float = 1e-4
+    """AdamW learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clipping threshold."""
+    clip_range: float = 1e-3
+    """PPO ratio clip ε."""
+    adv_clip: float = 5.0
+    """Advantages are clipped to ±adv_clip."""
+    adv_std: str = "group"
+    """Advantage normalisation: "group" (per prompt row, the reference) or "global" (the batch's std)."""
+    kl_beta: float = 0.004
+    """Weight of the KL penalty to the reference policy (0 disables it and the reference forward)."""
+    reference: str = "lora"
+    """KL reference: "lora" (the policy with its adapters disabled), "copy" (a frozen copy, full fine-tuning)."""
+    lora_rank: int = 32
+    """LoRA rank on the attention projections (0 = full fine-tuning)."""
+    lora_alpha: float = 32.0
+    """LoRA alpha."""
+    ema_decay: float = 0.9
+    """EMA decay of the trainable weights (0 disables the EMA)."""
+    ema_every: int = 8
+    """EMA update interval in optimizer steps."""
+    max_reward_failures: int = 10
+    """A reward call that raises gives NaN rewards for its batch (dropped, counted); this many failures abort."""
+
+    # --- run --------------------------------------------------------------------------------------------------------
+    epochs: int = 100
+    """Training epochs (rollout + update rounds)."""
+    seed: int = 0
+    """Seed of prompt sampling and of the per-sample noise."""
+    eval_every: int = 10
+    """Evaluate every this many epochs (0 disables evaluation)."""
+    eval_steps: int = 50
+    """Sampling steps at evaluation."""
+    eval_solver: str = "unipc"
+    """ODE solver at evaluation: "unipc" or "euler"."""
+    eval_videos: int = 2
+    """Sample videos written (mp4 + gif) per evaluation."""
+    eval_with_ema: bool = True
+    """Evaluate with the EMA weights swapped in."""
+    save_every: int = 10
+    """Checkpoint every this many epochs (and at the end)."""
+    resume: bool = True
+    """Resume from the latest checkpoint in run_dir when there is one."""
+    compute_dtype: str = "bfloat16"
+    """Compute dtype of the policy on GPU ("bfloat16" or "float32"; CPU always float32)."""
+    extra: dict[str, str] = field(default_factory=dict)
+    """Free-form settings passed to the reward factory (e.g. its checkpoint path)."""
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"model={self.model!r}: expected one of {MODELS}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid={self.grid!r}: expected one of {GRIDS}")
+        if self.noise_schedule not in NOISE_SCHEDULES:
+            raise ValueError(f"noise_schedule={self.noise_schedule!r}: expected one of {NOISE_SCHEDULES}")
+        if self.adv_std not in ("group", "global"):
+            raise ValueError(f"adv_std={self.adv_std!r}: expected 'group' or 'global'")
+        if self.reference not in ("lora", "copy"):
+            raise ValueError(f"reference={self.reference!r}: expected 'lora' or 'copy'")
+        if self.eval_solver not in ("unipc", "euler"):
+            raise ValueError(f"eval_solver={self.eval_solver!r}: expected 'unipc' or 'euler'")
+        if self.height % 16 or self.width % 16:
+            raise ValueError(f"height/width must be multiples of 16, got {self.height}x{self.width}")
+        if (self.num_frames - 1) % 4:
+            raise ValueError(f"num_frames must be 4k+1, got {self.num_frames}")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        for name in ("num_steps", "group_size", "prompts_per_epoch", "rollout_batch_size", "train_batch_size",
+                     "inner_epochs", "updates_per_epoch", "epochs", "eval_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (0 <= self.sde_window_start and self.sde_window_start + max(self.sde_window_size, 0) <= self.num_steps):
+            raise ValueError(f"SDE window [{self.sde_window_start}, +{self.sde_window_size}) is outside "
+                             f"{self.num_steps} steps")
+        for name in ("lr", "clip_range", "adv_clip", "max_grad_norm", "shift"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.kl_beta < 0 or not 0 <= self.ema_decay < 1 or self.ema_every < 1:
+            raise ValueError("kl_beta must be >= 0, ema_decay in [0, 1), ema_every >= 1")
+        if self.model in ("vace-1.3b", "phantom-1.3b") and self.lora_rank == 0 and self.reference == "lora":
+            raise ValueError("full fine-tuning (lora_rank 0) needs reference='copy' for the KL anchor")
+
+    @property
+    def num_trained_steps(self) -> int:
+        return int(self.num_steps * self.timestep_fraction)
+
+    @staticmethod
+    def from_name(name: str, **overrides) -> GRPOConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+PRESETS: dict[str, GRPOConfig] = {
+    # CPU demo: the toy flow policy, brightness reward, seconds per epoch.
+    "tiny": GRPOConfig(
+        model="toy", height=16, width=16, num_frames=5, num_steps=8, guidance=1.0, group_size=4,
+        prompts_per_epoch=2, rollout_batch_size=4, train_batch_size=2, lr=3e-2, clip_range=0.2, kl_beta=0.0,
+        lora_rank=0, reference="copy", ema_every=1, epochs=20, eval_every=5, eval_steps=8, save_every=5,
+        timestep_fraction=1.0, compute_dtype="float32", run_dir="runs/grpo-tiny",
+    ),
+    # The Identity-GRPO reference recipe (spec §6.3; Wan2.1-VACE-1.3B + LoRA r 32, 25 steps, CFG 4.5).
+    "vace-1.3b": GRPOConfig(
+        model="vace-1.3b", height=240, width=416, num_frames=33, num_steps=25, shift=3.0, grid="diffusers",
+        guidance=4.5, group_size=8, lora_rank=32, lora_alpha=32.0, lr=1e-4, clip_range=1e-3, adv_clip=5.0,
+        kl_beta=0.004, ema_decay=0.9, ema_every=8, timestep_fraction=0.99, eval_steps=50,
+        reward="idgrpo.reward.scoring:build_reward", run_dir="runs/grpo-vace-1.3b",
+    ),
+    # Phantom-Wan-1.3B with the same GRPO settings; its sampler grid is Wan's original, references appended in time.
+    "phantom-1.3b": GRPOConfig(
+        model="phantom-1.3b", height=240, width=416, num_frames=33, num_steps=25, shift=5.0, grid="wan",
+        guidance=7.5, guidance_image=5.0, group_size=8, lora_rank=32, lora_alpha=32.0, lr=1e-4, clip_range=1e-3,
+        adv_clip=5.0, kl_beta=0.004, ema_decay=0.9, ema_every=8, timestep_fraction=0.99, eval_steps=50,
+        reward="idgrpo.reward.scoring:build_reward", run_dir="runs/grpo-phantom-1.3b",
+    ),
+}

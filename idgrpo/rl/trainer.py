@@ -1,0 +1,764 @@
+"""Identity-GRPO trainer: SDE rollouts -> reward -> group advantages -> PPO-clipped update with a KL anchor.
+
+Usage:
+    idgrpo train-grpo tiny                                         # one CPU process, the toy demo (seconds)
+    torchrun --nproc-per-node 8 -m idgrpo train-grpo vace-1.3b --train-csv data/train.csv \
+        --test-csv data/test.csv --weights-dir ckpt/Wan2.1-VACE-1.3B --vae-path ckpt/Wan2.1_VAE.pth \
+        --prompt-cache cache/prompts --extra reward_checkpoint=ckpt/identity-rm
+    torchrun --nnodes 2 --node-rank R --master-addr HOST --nproc-per-node 8 -m idgrpo train-grpo vace-1.3b ...
+
+In Python, `GRPOTrainer` takes ANY policy (`policy(latents, timestep, **conditioning) -> velocity`), ANY reward
+(`score(frames uint8 (B, T, H, W, 3) on device, references, prompts) -> (B,)`), a decoder (latents -> uint8 frames),
+and a conditioning builder (prompt rows -> `Conditioning`, i.e. the guidance branches).
+
+One epoch:
+1. group sampler: `prompts_per_epoch` rows are drawn (seeded by the epoch), each repeated G times; the P·G samples are
+   shuffled and split evenly over the ranks. A sample's group id is its row index, its noise seed a function of
+   (seed, epoch, position in the global list), so the same global batch gives the same samples on any world size;
+2. rollout in batches of `rollout_batch_size`; every finished batch is decoded and scored on a worker thread (its own
+   CUDA stream) while the next batch is sampled; frames stay on the device. For the trained steps the rollout also
+   keeps the SDE mean under the reference policy (adapters disabled), so training runs no reference forward;
+3. rewards are all-gathered; `group_advantage` normalises them per group (or globally) and clips them;
+4. samples whose advantage is zero (zero-variance group, NaN reward, failed reward call) are dropped from the update
+   and counted. This is the one host read of the epoch: it decides the micro-batches, and every rank derives the same
+   number of micro-batches from the gathered advantages (ranks short of samples run weight-0 micro-batches), so the
+   collectives of the update stay matched;
+5. `inner_epochs` passes: per micro-batch and trained step, `grpo_loss` on the recomputed velocity; gradients
+   accumulate (FSDP `no_sync`) over micro-batches and steps, normalised so that N ranks equal 1 rank; clip, AdamW
+   (an update whose gradient norm is non-finite is undone on the device and counted), EMA of the trainable weights.
+
+Documented edge cases: a reward that is NaN/Inf gets advantage 0 (left out of its group's statistics); a reward call
+that raises gives its whole batch NaN rewards (so: dropped), is logged and counted, and `max_reward_failures` failures
+abort the run; an epoch in which every advantage is zero makes no optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import json
+import math
+import struct
+import sys
+import threading
+import traceback
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from idgrpo.engine import FSDP, build_optimizer, clip_grad_norm_, init_distributed
+from idgrpo.kernels.group_advantage import group_advantage
+from idgrpo.kernels.grpo_loss import grpo_loss
+from idgrpo.rl.config import GRPOConfig
+from idgrpo.rl.sampler import Conditioning, Policy, StepPlan, StepSchedule, guided_velocity, sample
+from idgrpo.rl.schedules import flow_schedule
+
+ScoreFn = Callable[[torch.Tensor, list, list], torch.Tensor]
+DecodeFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptRow:
+    """One training row: a prompt and its reference images (a group is one row)."""
+
+    prompt: str
+    references: list[torch.Tensor] = field(default_factory=list)
+    """uint8 (h, w, 3) reference images."""
+    ref_paths: list[str] = field(default_factory=list)
+
+
+def read_rows(csv_path: str | Path, *, load_images: bool = True) -> list[PromptRow]:
+    """Rows of a CSV in the reference format: columns `ref_paths,prompt`, reference paths separated by `;`
+    (relative paths are relative to the CSV's folder)."""
+    path = Path(csv_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: prompt CSV not found")
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "prompt" not in reader.fieldnames:
+            raise ValueError(f"{path}: expected a `prompt` column (and `ref_paths`), got {reader.fieldnames}")
+        records = list(reader)
+    rows = []
+    for i, rec in enumerate(records, start=2):
+        prompt = (rec.get("prompt") or "").strip()
+        if not prompt:
+            raise ValueError(f"{path}:{i}: empty `prompt`")
+        refs = [p.strip() for p in (rec.get("ref_paths") or "").split(";") if p.strip()]
+        refs = [str(p if Path(p).is_absolute() else path.parent / p) for p in refs]
+        images = []
+        if load_images:
+            from idgrpo.media import read_image
+
+            for p in refs:
+                if not Path(p).is_file():
+                    raise FileNotFoundError(f"{path}:{i}: reference image {p} not found (column `ref_paths`)")
+                images.append(read_image(p))
+        rows.append(PromptRow(prompt, images, refs))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+@dataclass(frozen=True)
+class EpochAssignment:
+    """The global sample list of one epoch and this rank's contiguous slice of it."""
+
+    row_ids: list[int]  # (N,) dataset row per sample (= group id)
+    seeds: list[int]  # (N,) noise seed per sample
+    offset: int  # this rank's first sample
+    count: int  # samples per rank
+
+    @property
+    def local_rows(self) -> list[int]:
+        return self.row_ids[self.offset: self.offset + self.count]
+
+    @property
+    def local_seeds(self) -> list[int]:
+        return self.seeds[self.offset: self.offset + self.count]
+
+
+def assign_epoch(num_rows: int, prompts_per_epoch: int, group_size: int, *, epoch: int, seed: int,
+                 rank: int, world_size: int) -> EpochAssignment:
+    """Distributed group sampler: draw rows (without replacement while possible), repeat each G times, shuffle, split.
+
+    Every rank computes the same global list from (seed, epoch), so no communication is needed.
+    """
+    total = prompts_per_epoch * group_size
+    if total % world_size:
+        raise ValueError(f"prompts_per_epoch·group_size = {total} must be divisible by the world size {world_size}")
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    draws = []
+    while len(draws) < prompts_per_epoch:
+        draws += torch.randperm(num_rows, generator=gen).tolist()
+    rows = [r for r in draws[:prompts_per_epoch] for _ in range(group_size)]
+    order = torch.randperm(total, generator=gen).tolist()
+    row_ids = [rows[i] for i in order]
+    seeds = [(seed * 7_919 + epoch) * 1_000_033 + i for i in range(total)]
+    count = total // world_size
+    return EpochAssignment(row_ids, seeds, rank * count, count)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# EMA of the trainable weights
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of parameters, updated every `every` optimizer steps with the Flow-GRPO warm-up
+    decay min(decay, (1 + s) / (10 + s)) at optimizer step s (0-based)."""
+
+    def __init__(self, params: Sequence[torch.Tensor], decay: float, every: int):
+        self.params = list(params)
+        self.decay, self.every = decay, every
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def step(self, optimizer_step: int) -> None:
+        if (optimizer_step + 1) % self.every:
+            return
+        decay = min(self.decay, (1 + optimizer_step) / (10 + optimizer_step))
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - decay)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """Temporarily load the EMA weights into the parameters."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow, strict=True):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup, strict=True):
+                    p.copy_(b)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reward worker: decode + score overlapped with the next rollout batch
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class RewardWorker:
+    """Runs decode + score on one background thread (with its own CUDA stream on GPU).
+
+    A call that raises yields NaN rewards for its batch and is counted in `failures` (the traceback is printed the
+    first time). Frames never leave the device.
+    """
+
+    def __init__(self, score: ScoreFn, decode: DecodeFn, device: torch.device):
+        self.score, self.decode, self.device = score, decode, device
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.failures = 0
+        self._lock = threading.Lock()
+
+    def submit(self, latents: torch.Tensor, references: list, prompts: list) -> Future:
+        ready = None
+        if self.stream is not None:
+            ready = torch.cuda.current_stream(self.device).record_event()
+        return self.pool.submit(self._run, latents, references, prompts, ready)
+
+    def _run(self, latents, references, prompts, ready):
+        batch = latents.shape[0]
+        stream_ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        with torch.no_grad(), stream_ctx:
+            if ready is not None:
+                self.stream.wait_event(ready)
+            try:
+                frames = self.decode(latents)
+                rewards = self.score(frames, references, prompts)
+                rewards = torch.as_tensor(rewards, device=latents.device).float().reshape(-1)
+                if rewards.shape != (batch,):
+                    raise ValueError(f"reward returned shape {tuple(rewards.shape)}, expected ({batch},)")
+            except Exception:  # noqa: BLE001 - a reward crash must not kill the run; counted and logged
+                with self._lock:
+                    self.failures += 1
+                    first = self.failures == 1
+                if first:
+                    print(f"[train-grpo] reward call failed (its batch gets NaN rewards and is dropped):\n"
+                          f"{traceback.format_exc()}", file=sys.stderr)
+                rewards = torch.full((batch,), float("nan"), device=latents.device)
+            done = self.stream.record_event() if self.stream is not None else None
+        return rewards, done
+
+    def result(self, future: Future) -> torch.Tensor:
+        rewards, done = future.result()
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+        return rewards
+
+    def close(self):
+        self.pool.shutdown(wait=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally-shaped tensors of every rank in rank order (identity on one rank)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+class GRPOTrainer:
+    """Identity-GRPO on any velocity policy and any reward (see the module docstring)."""
+
+    def __init__(self, config: GRPOConfig, policy: nn.Module, *, score: ScoreFn, decode: DecodeFn,
+                 build_conditioning: Callable[[list[PromptRow]], Conditioning], latent_shape: Sequence[int],
+                 train_rows: Sequence[PromptRow], eval_rows: Sequence[PromptRow] = (),
+                 reference: Policy | None = None, lora: bool | None = None, compute_dtype: torch.dtype | None = None,
+                 run_dir: str | Path | None = None, log: Callable[[str], None] | None = None):
+        """
+        policy: a module (wrapped in the engine's FSDP here unless it already is) whose trainable parameters are the
+            ones with requires_grad (LoRA adapters, or everything for full fine-tuning).
+        build_conditioning: rows (one per sample) -> the batch's `Conditioning` (guidance branches).
+        latent_shape: (C, F, H, W) of one sample's latent, reference slots included.
+        reference: the KL reference policy; default: the policy with its adapters disabled (config.reference
+            "lora": `policy.adapters_disabled()` or `idgrpo.models.lora.disable_lora`) or a frozen copy ("copy").
+        lora: whether the trainable weights are LoRA adapters (kept replicated by FSDP); default: detected.
+        """
+        self.cfg = config
+        self.info = init_distributed()
+        self.rank, self.world_size, self.device = self.info.rank, self.info.world_size, self.info.device
+        self.log = log or (lambda msg: print(msg, flush=True) if self.rank == 0 else None)
+        cd = compute_dtype or (torch.float32 if self.device.type == "cpu" else getattr(torch, config.compute_dtype))
+        if lora is None:
+            from idgrpo.models.lora import lora_modules
+
+            lora = any(True for _ in lora_modules(policy))
+        if reference is None and config.kl_beta > 0 and config.reference == "copy":
+            frozen = copy.deepcopy(policy.module if isinstance(policy, FSDP) else policy).requires_grad_(False)
+            reference = FSDP(frozen, compute_dtype=cd)
+        if not isinstance(policy, FSDP):
+            policy = FSDP(policy, compute_dtype=cd, replicate_trainable_below=(1 << 24) if lora else 0)
+        self.policy = policy
+        if reference is None and config.kl_beta > 0:
+            reference = _adapters_disabled_policy(policy)
+        self.reference = reference if config.kl_beta > 0 else None
+        self.params = policy.trainable_parameters()
+        self.optimizer = build_optimizer(self.params, lr=config.lr, betas=tuple(config.betas),
+                                         weight_decay=config.weight_decay, eps=config.adam_eps)
+        self.ema = EMA(self.params, config.ema_decay, config.ema_every) if config.ema_decay > 0 else None
+        self.score, self.decode = score, decode
+        self.build_conditioning = build_conditioning
+        self.latent_shape = tuple(latent_shape)
+        self.train_rows, self.eval_rows = list(train_rows), list(eval_rows)
+        if not self.train_rows:
+            raise ValueError("no training rows")
+        self.schedule = flow_schedule(config.num_steps, config.shift, config.grid)
+        self.steps = StepSchedule.build(self.schedule, self.device, noise_schedule=config.noise_schedule,
+                                        noise_level=config.noise_level)
+        self.eval_schedule = flow_schedule(config.eval_steps, config.shift, config.grid)
+        self.run_dir = Path(run_dir or config.run_dir)
+        self.optimizer_steps = 0
+        self.reward_failures_total = 0
+        self.skipped_updates = torch.zeros((), dtype=torch.long, device=self.device)
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.rewards = RewardWorker(score, decode, self.device)
+
+    # -- one epoch -----------------------------------------------------------------------------------------------------
+
+    def plan(self, epoch: int) -> StepPlan:
+        cfg = self.cfg
+        if cfg.sde_window_slide_every > 0 and cfg.sde_window_size > 0:
+            return StepPlan.sliding(cfg.num_steps, cfg.sde_window_size, epoch, every=cfg.sde_window_slide_every,
+                                    stride=cfg.sde_window_stride, timestep_fraction=cfg.timestep_fraction)
+        return StepPlan.build(cfg.num_steps, window_start=cfg.sde_window_start, window_size=cfg.sde_window_size,
+                              timestep_fraction=cfg.timestep_fraction)
+
+    def rollout(self, epoch: int):
+        """Sample this rank's share of the epoch and score it. Returns (assignment, conditioning, rollout tensors,
+        local rewards (n,))."""
+        cfg = self.cfg
+        assignment = assign_epoch(len(self.train_rows), cfg.prompts_per_epoch, cfg.group_size, epoch=epoch,
+                                  seed=cfg.seed, rank=self.rank, world_size=self.world_size)
+        rows = [self.train_rows[i] for i in assignment.local_rows]
+        seeds = assignment.local_seeds
+        conditioning = self.build_conditioning(rows)
+        plan = self.plan(epoch)
+        batch = cfg.rollout_batch_size
+        states, log_probs, ref_means, pending = [], [], [], []
+        for start in range(0, len(rows), batch):
+            part = slice(start, min(start + batch, len(rows)))
+            cond = conditioning.select(part)
+            roll = sample(self.policy, cond, self.schedule, seeds[part], self.latent_shape, plan=plan,
+                          steps=self.steps, reference=self.reference, device=self.device)
+            states.append(roll.states)
+            log_probs.append(roll.log_probs)
+            if roll.ref_means is not None:
+                ref_means.append(roll.ref_means)
+            pending.append(self.rewards.submit(cond.video_latents(roll.final), [r.references for r in rows[part]],
+                                               [r.prompt for r in rows[part]]))
+        rewards = torch.cat([self.rewards.result(p) for p in pending])  # (n,)
+        data = {"states": torch.cat(states), "log_probs": torch.cat(log_probs),
+                "ref_means": torch.cat(ref_means) if ref_means else None}
+        return assignment, conditioning, plan, data, rewards
+
+    def train_epoch(self, epoch: int) -> dict:
+        """Rollout, rewards, advantages, update; returns the epoch's diagnostics as floats."""
+        cfg = self.cfg
+        failures_before = self.rewards.failures
+        assignment, conditioning, plan, data, rewards = self.rollout(epoch)
+        failures = torch.tensor([float(self.rewards.failures - failures_before)], device=self.device)
+        rewards_all = _all_gather_cat(rewards)  # (N,) in global sample order
+        failures_all = _all_gather_cat(failures).sum()
+        group_ids = torch.tensor(assignment.row_ids, dtype=torch.int64, device=self.device)
+        adv = group_advantage(rewards_all, group_ids, std=cfg.adv_std, clip=cfg.adv_clip,
+                              num_groups=len(set(assignment.row_ids)))
+        advantages = adv.advantages[assignment.offset: assignment.offset + assignment.count]  # (n,)
+        # The one host read between rollout and update: which samples are trained (decides the micro-batches).
+        keep_all = (adv.advantages != 0).cpu()
+        meters = _Meters(self.device)
+        self.update(epoch, plan, conditioning, data, advantages, keep_all, assignment, meters)
+
+        finite = torch.isfinite(rewards_all)
+        count = finite.sum().clamp_min(1)
+        r0 = torch.where(finite, rewards_all, torch.zeros_like(rewards_all))
+        mean = r0.sum() / count
+        std = (torch.where(finite, r0 - mean, torch.zeros_like(r0)).square().sum() / count).sqrt()
+        nan = torch.tensor(float("nan"), device=self.device)
+        summary = {
+            "reward_mean": torch.where(finite.any(), mean, nan),
+            "reward_std": torch.where(finite.any(), std, nan),
+            "zero_std_fraction": adv.zero_std_fraction,
+            "nonfinite_rewards": adv.nonfinite_count,
+            "reward_failures": failures_all,
+            "skipped_updates_total": self.skipped_updates,
+            **meters.means(),
+        }
+        values = torch.stack([v.to(self.device).float().reshape(()) for v in summary.values()]).cpu().tolist()
+        record = {"epoch": epoch, **dict(zip(summary, values, strict=True)),
+                  "dropped": int((~keep_all).sum()), "trained_samples": int(keep_all.sum()),
+                  "sde_window_start": plan.window.start, "optimizer_steps": self.optimizer_steps}
+        self.reward_failures_total += int(record["reward_failures"])
+        if self.reward_failures_total > cfg.max_reward_failures:
+            raise RuntimeError(f"the reward call failed {self.reward_failures_total} times "
+                               f"(max_reward_failures={cfg.max_reward_failures}); see the first traceback above")
+        return record
+
+    def update(self, epoch, plan, conditioning, data, advantages, keep_all, assignment, meters) -> None:
+        cfg = self.cfg
+        world, n_local = self.world_size, assignment.count
+        keep_local = keep_all[assignment.offset: assignment.offset + n_local]
+        kept_per_rank = keep_all.view(world, n_local).sum(1).tolist()
+        n_kept = sum(kept_per_rank)
+        if n_kept == 0:
+            return  # every advantage is zero: nothing to learn from this epoch (counted in `dropped`)
+        mb = cfg.train_batch_size
+        num_micro = max(math.ceil(k / mb) for k in kept_per_rank)  # identical on every rank
+        chunks = min(cfg.updates_per_epoch, num_micro)
+        trained = list(plan.trained)
+        K = len(trained)
+        # Gradient = Σ over kept samples and trained steps of the per-sample loss / (n_kept·K / chunks); the FSDP
+        # reduction averages over ranks, hence the factor `world`.
+        scale = world * chunks / (n_kept * K)
+        local_kept = keep_local.nonzero().flatten()
+        states, log_probs, ref_means = data["states"], data["log_probs"], data["ref_means"]
+        for inner in range(cfg.inner_epochs):
+            gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) * 997 + inner * 31 + self.rank)
+            order = local_kept[torch.randperm(local_kept.numel(), generator=gen)]
+            for i in range(num_micro):
+                idx = order[i * mb:(i + 1) * mb]
+                weight = scale * idx.numel()
+                if idx.numel() == 0:  # this rank ran out of kept samples: a weight-0 pass keeps collectives matched
+                    idx = torch.zeros(1, dtype=torch.long)
+                idx_dev = idx.to(self.device)
+                cond = conditioning.select(idx_dev)
+                last_in_chunk = (i + 1) * chunks // num_micro != i * chunks // num_micro or i == num_micro - 1
+                for j, k in enumerate(trained):
+                    final_backward = last_in_chunk and j == K - 1
+                    sync = contextlib.nullcontext() if final_backward else self.policy.no_sync()
+                    x = states[idx_dev, j]
+                    x_next = states[idx_dev, j + 1]
+                    batch = x.shape[0]
+                    sigma, sigma_next, std, t = self.steps.at(k, batch)
+                    with sync:
+                        velocity = guided_velocity(self.policy, x, t, cond)
+                        loss, stats = grpo_loss(x, x_next, velocity, log_probs[idx_dev, j], advantages[idx_dev],
+                                                sigma, sigma_next, std,
+                                                ref_mean=None if ref_means is None else ref_means[idx_dev, j],
+                                                clip_range=cfg.clip_range, adv_clip=cfg.adv_clip,
+                                                kl_beta=cfg.kl_beta)
+                        (loss * weight).backward()
+                    # Every rank meters the same names in the same order (weight 0 for padding passes).
+                    real = batch if weight > 0 else 0
+                    meters.add("loss", loss, real)
+                    meters.add("clipfrac", stats["clipfrac"], real)
+                    meters.add("approx_kl", stats["approx_kl"], real)
+                    meters.add("kl", stats["kl"].mean(), real)
+                    if inner == 0:
+                        meters.max("max_abs_ratio_minus_1_first_inner", (stats["ratio"] - 1).abs().max(), real)
+                if last_in_chunk:
+                    self._optimizer_step(meters)
+
+    def _optimizer_step(self, meters: _Meters) -> None:
+        """Clip, step and EMA; a non-finite gradient norm undoes the step on the device (no host sync) and is
+        counted. (AdamW's step counter still advances, which only shifts its bias correction.)"""
+        norm = clip_grad_norm_(self.policy, self.cfg.max_grad_norm)
+        ok = torch.isfinite(norm)
+        state_tensors = [t for p in self.params for t in self.optimizer.state.get(p, {}).values()
+                         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device == ok.device
+                         and t.ndim > 0]
+        backup = [t.detach().clone() for t in self.params + state_tensors]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for t, b in zip(self.params + state_tensors, backup, strict=True):
+                t.copy_(torch.where(ok, t, b))
+        if self.ema is not None:
+            self.ema.step(self.optimizer_steps)
+        self.optimizer_steps += 1
+        meters.add("grad_norm", torch.where(ok, norm, torch.zeros_like(norm)), 1)
+        meters.max("skipped_update", (~ok).float())
+        self.skipped_updates = self.skipped_updates + (~ok).long()  # read with the epoch's record
+
+    # -- evaluation ----------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> float:
+        """Mean reward over the evaluation rows with fixed noise and the ODE solver; writes sample videos."""
+        cfg = self.cfg
+        rows = self.eval_rows
+        per_rank = math.ceil(len(rows) / self.world_size)
+        mine = list(range(self.rank * per_rank, min(len(rows), (self.rank + 1) * per_rank)))
+        swap = self.ema.swapped() if (self.ema is not None and cfg.eval_with_ema) else contextlib.nullcontext()
+        rewards = torch.full((per_rank,), float("nan"), device=self.device)
+        videos = []
+        with swap:
+            for start in range(0, len(mine), cfg.rollout_batch_size):
+                ids = mine[start:start + cfg.rollout_batch_size]
+                batch_rows = [rows[i] for i in ids]
+                cond = self.build_conditioning(batch_rows)
+                seeds = [10_000_019 + i for i in ids]  # fixed noise: the same per row at every evaluation
+                roll = sample(self.policy, cond, self.eval_schedule, seeds, self.latent_shape,
+                              solver=cfg.eval_solver, device=self.device)
+                frames = self.decode(cond.video_latents(roll.final))
+                try:
+                    scores = self.score(frames, [r.references for r in batch_rows], [r.prompt for r in batch_rows])
+                    scores = torch.as_tensor(scores, device=self.device).float().reshape(-1)
+                    rewards[start:start + len(ids)] = scores
+                except Exception as e:  # noqa: BLE001 - an evaluation reward failure leaves NaN (ignored)
+                    self.log(f"[train-grpo] evaluation reward failed: {e}")
+                if self.rank == 0 and len(videos) < cfg.eval_videos:
+                    videos += list(frames[: cfg.eval_videos - len(videos)])
+        all_rewards = _all_gather_cat(rewards)
+        finite = all_rewards[torch.isfinite(all_rewards)]
+        mean = float(finite.mean()) if finite.numel() else float("nan")
+        if self.rank == 0:
+            self._write_videos(epoch, videos)
+        return mean
+
+    def _write_videos(self, epoch: int, videos: list[torch.Tensor]) -> None:
+        if not videos:
+            return
+        try:
+            from idgrpo.media import write_video
+        except ImportError as e:  # media is optional for the trainer (PyAV may be missing)
+            self.log(f"[train-grpo] sample videos skipped: {e}")
+            return
+        folder = self.run_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, frames in enumerate(videos):
+            for suffix in (".mp4", ".gif"):
+                try:
+                    write_video(folder / f"epoch{epoch:05d}_{i}{suffix}", frames.cpu())
+                except Exception as e:  # noqa: BLE001 - a missing codec must not stop training
+                    self.log(f"[train-grpo] could not write {suffix} sample: {e}")
+
+    # -- loop, checkpoints ---------------------------------------------------------------------------------------------
+
+    def train(self) -> list[dict]:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            self.load()
+        try:
+            for epoch in range(self.epoch, cfg.epochs):
+                record = self.train_epoch(epoch)
+                if cfg.eval_every and self.eval_rows and ((epoch + 1) % cfg.eval_every == 0 or
+                                                          epoch + 1 == cfg.epochs):
+                    record["eval_reward"] = self.evaluate(epoch)
+                self.history.append(record)
+                self.epoch = epoch + 1
+                if self.rank == 0:
+                    with (self.run_dir / "metrics.jsonl").open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    self.log(_format(record))
+                if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+                    self.save()
+        finally:
+            self.rewards.close()
+        return self.history
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return self.policy.full_state_dict(trainable_only=True)
+
+    def save(self) -> None:
+        """Checkpoint run_dir/checkpoint (trainable weights, EMA, per-rank optimizer state, counters, history) and
+        the exports (PEFT LoRA when the policy has LoRA, EMA weights). Written to a temporary folder then renamed,
+        so a crash mid-save leaves the previous checkpoint intact."""
+        from safetensors.torch import save_file
+
+        state = self._trainable_state()  # collective: every rank
+        ema_state = None
+        if self.ema is not None:
+            with self.ema.swapped():
+                ema_state = self._trainable_state()
+        folder, tmp = self.run_dir / "checkpoint", self.run_dir / "checkpoint.tmp"
+        if self.rank == 0:
+            _rmtree(tmp)
+            tmp.mkdir(parents=True)
+        _barrier()
+        torch.save(self.optimizer.state_dict(), tmp / f"optimizer-rank{self.rank}.pt")
+        _barrier()
+        if self.rank == 0:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "trainable.safetensors"))
+            if ema_state is not None:
+                save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))
+            meta = {"epoch": self.epoch, "optimizer_steps": self.optimizer_steps, "history": self.history,
+                    "world_size": self.world_size, "reward_failures_total": self.reward_failures_total}
+            (tmp / "state.json").write_text(json.dumps(meta))
+            old = self.run_dir / "checkpoint.old"
+            _rmtree(old)
+            if folder.exists():
+                folder.rename(old)
+            tmp.rename(folder)
+            _rmtree(old)
+            self._export_peft(folder, state)
+            write_curve_png(self.run_dir / "reward_curve.png", self.history)
+        _barrier()
+
+    def _export_peft(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
+        """LoRA adapters in the PEFT format (adapter_model.safetensors + adapter_config.json) under folder/peft."""
+        from idgrpo.models.lora import lora_modules, save_peft
+
+        module = self.policy.module
+        adapters = list(lora_modules(module))
+        if not adapters:
+            return
+        # FSDP keeps placeholders in the modules between forwards: bind the gathered weights for the export.
+        for name, m in adapters:
+            for part in ("lora_A", "lora_B"):
+                getattr(m, part).__dict__["weight"] = state[f"{name}.{part}.weight"]
+        try:
+            save_peft(module, folder / "peft")
+        finally:
+            for group in self.policy.groups:
+                group.unbind_views()
+
+    def load(self) -> bool:
+        """Resume from run_dir/checkpoint when it exists; returns whether it did."""
+        from safetensors.torch import load_file
+
+        folder = self.run_dir / "checkpoint"
+        if not (folder / "state.json").is_file():
+            return False
+        meta = json.loads((folder / "state.json").read_text())
+        self.policy.load_full_state_dict(load_file(str(folder / "trainable.safetensors")), strict=False)
+        if self.ema is not None and (folder / "ema.safetensors").is_file():
+            ema = load_file(str(folder / "ema.safetensors"))
+            with self.ema.swapped():
+                self.policy.load_full_state_dict(ema, strict=False)
+                self.ema.shadow = [p.detach().float().clone() for p in self.params]
+        opt_path = folder / f"optimizer-rank{self.rank}.pt"
+        if opt_path.is_file() and meta.get("world_size") == self.world_size:
+            self.optimizer.load_state_dict(torch.load(opt_path, weights_only=True, map_location=self.device))
+        else:
+            self.log(f"[train-grpo] optimizer state not restored (saved at world size {meta.get('world_size')})")
+        self.epoch, self.optimizer_steps = meta["epoch"], meta["optimizer_steps"]
+        self.reward_failures_total = meta.get("reward_failures_total", 0)
+        self.history = meta.get("history", [])
+        self.log(f"[train-grpo] resumed from {folder} at epoch {self.epoch}")
+        return True
+
+
+def _adapters_disabled_policy(policy: nn.Module) -> Policy:
+    """The KL reference: the same module with its LoRA adapters switched off for the duration of the forward."""
+    inner = policy.module if isinstance(policy, FSDP) else policy
+    if hasattr(inner, "adapters_disabled"):
+        toggle = inner.adapters_disabled
+    else:
+        from idgrpo.models.lora import disable_lora
+
+        def toggle():
+            return disable_lora(inner)
+
+    def reference(latents, timestep, **kwargs):
+        with toggle():
+            return policy(latents, timestep, **kwargs)
+
+    return reference
+
+
+class _Meters:
+    """Per-epoch device-side accumulators (weighted means and maxima), reduced over ranks and read once per epoch.
+
+    Every rank must record the same names in the same order; weight-0 records are ignored (padding passes).
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, float] = {}
+        self.maxima: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, value: torch.Tensor, weight: float) -> None:
+        value = value.detach().float().reshape(()) * weight if weight else torch.zeros((), device=self.device)
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.counts[name] = self.counts.get(name, 0.0) + weight
+
+    def max(self, name: str, value: torch.Tensor, weight: float = 1.0) -> None:
+        value = value.detach().float().reshape(()) if weight else torch.zeros((), device=self.device)
+        self.maxima[name] = torch.maximum(self.maxima[name], value) if name in self.maxima else value
+
+    def means(self) -> dict[str, torch.Tensor]:
+        names = sorted(self.sums)
+        maxima = sorted(self.maxima)
+        if not names and not maxima:
+            return {}
+        local = torch.stack([self.sums[k] for k in names] + [torch.tensor(self.counts[k], device=self.device)
+                                                              for k in names] + [self.maxima[k] for k in maxima])
+        rows = _all_gather_cat(local[None])  # (world, 2·|names| + |maxima|)
+        sums, counts = rows[:, :len(names)].sum(0), rows[:, len(names):2 * len(names)].sum(0)
+        out = {k: sums[i] / counts[i].clamp_min(1e-12) for i, k in enumerate(names)}
+        out.update({k: rows[:, 2 * len(names) + i].max() for i, k in enumerate(maxima)})
+        return out
+
+
+def _format(record: dict) -> str:
+    keys = ("reward_mean", "reward_std", "zero_std_fraction", "dropped", "clipfrac", "approx_kl", "kl",
+            "max_abs_ratio_minus_1_first_inner", "grad_norm", "eval_reward")
+    parts = [f"epoch {int(record['epoch'])}"] + [f"{k} {record[k]:.4g}" for k in keys if k in record]
+    return "[train-grpo] " + "  ".join(parts)
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reward curve PNG (no plotting dependency)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _png_bytes(image: torch.Tensor) -> bytes:
+    """uint8 (H, W, 3) -> PNG file bytes (filter 0 per row, zlib)."""
+    h, w, _ = image.shape
+    raw = b"".join(b"\x00" + image[y].contiguous().numpy().tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+
+
+def _draw_line(img: torch.Tensor, x0: int, y0: int, x1: int, y1: int, color) -> None:
+    steps = max(abs(x1 - x0), abs(y1 - y0), 1)
+    for s in range(steps + 1):
+        x = round(x0 + (x1 - x0) * s / steps)
+        y = round(y0 + (y1 - y0) * s / steps)
+        img[max(0, y - 1):y + 1, max(0, x - 1):x + 1] = torch.tensor(color, dtype=torch.uint8)
+
+
+def write_curve_png(path: str | Path, history: list[dict], *, width: int = 480, height: int = 240) -> Path | None:
+    """Plot the training reward mean (blue) and the evaluation reward (red) per epoch as a PNG."""
+    series = [([h["epoch"] for h in history if _finite(h.get(key))], [h[key] for h in history if _finite(h.get(key))],
+               color) for key, color in (("reward_mean", (31, 119, 180)), ("eval_reward", (214, 39, 40)))]
+    values = [v for _, ys, _ in series for v in ys]
+    if not values:
+        return None
+    lo, hi = min(values), max(values)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    epochs = [e for xs, _, _ in series for e in xs]
+    e0, e1 = min(epochs), max(max(epochs), min(epochs) + 1)
+    pad = 16
+    img = torch.full((height, width, 3), 255, dtype=torch.uint8)
+    img[pad:height - pad, pad] = 0
+    img[height - pad, pad:width - pad] = 0
+
+    def to_px(e, v):
+        x = pad + (e - e0) / (e1 - e0) * (width - 2 * pad - 1)
+        y = height - pad - (v - lo) / (hi - lo) * (height - 2 * pad - 1)
+        return round(x), round(y)
+
+    for xs, ys, color in series:
+        points = [to_px(e, v) for e, v in zip(xs, ys, strict=True)]
+        for (ax, ay), (bx, by) in zip(points, points[1:]):
+            _draw_line(img, ax, ay, bx, by, color)
+        for px, py in points:
+            img[max(0, py - 2):py + 2, max(0, px - 2):px + 2] = torch.tensor(color, dtype=torch.uint8)
+    path = Path(path)
+    path.write_bytes(_png_bytes(img))
+    return path
+
+
+def _finite(v) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)

@@ -1,0 +1,199 @@
+"""The GRPO trainer on the toy flow policy (CPU): on-policy ratio, N ranks = 1 rank, learning, edge cases, resume."""
+
+import json
+import math
+import struct
+import zlib
+
+import pytest
+import torch
+
+from idgrpo.rl.config import GRPOConfig
+from idgrpo.rl.toy import ToyFlowPolicy, brightness_score, toy_conditioning, toy_decode
+from idgrpo.rl.trainer import GRPOTrainer, PromptRow, _png_bytes, assign_epoch, read_rows, write_curve_png
+from idgrpo.testing import run_distributed
+
+SHAPE = (4, 2, 8, 8)  # (C, F, H, W) latent of the toy policy
+
+
+def make_trainer(tmp_path, *, score=brightness_score, rows=4, eval_rows=0, **overrides):
+    settings = dict(run_dir=str(tmp_path), resume=False, epochs=2, eval_every=0, save_every=1000, prompts_per_epoch=2,
+                    group_size=4, rollout_batch_size=4, train_batch_size=2)
+    settings.update(overrides)
+    cfg = GRPOConfig.from_name("tiny", **settings)
+    prompts = [PromptRow(f"prompt {i}") for i in range(rows)]
+    return GRPOTrainer(cfg, ToyFlowPolicy(SHAPE, seed=1), score=score, decode=toy_decode,
+                       build_conditioning=lambda rs: toy_conditioning([r.prompt for r in rs], cfg.guidance),
+                       latent_shape=SHAPE, train_rows=prompts, eval_rows=prompts[:eval_rows], log=lambda m: None)
+
+
+def trainable(trainer):
+    return {k: v.clone() for k, v in trainer.policy.full_state_dict(trainable_only=True).items()}
+
+
+def test_group_sampler_repeats_rows_and_splits_evenly():
+    full = assign_epoch(5, 3, 4, epoch=2, seed=7, rank=0, world_size=1)
+    assert len(set(full.row_ids)) == 3
+    assert sorted(full.row_ids) == sorted(r for r in set(full.row_ids) for _ in range(4))
+    assert len(set(full.seeds)) == 12
+    parts = [assign_epoch(5, 3, 4, epoch=2, seed=7, rank=r, world_size=3) for r in range(3)]
+    assert sum((p.local_rows for p in parts), []) == full.row_ids
+    assert sum((p.local_seeds for p in parts), []) == full.seeds
+    assert assign_epoch(5, 3, 4, epoch=3, seed=7, rank=0, world_size=1).seeds != full.seeds
+    with pytest.raises(ValueError, match="divisible"):
+        assign_epoch(5, 3, 4, epoch=0, seed=0, rank=0, world_size=5)
+
+
+def test_on_policy_ratio_is_one_when_rollout_and_train_micro_batches_differ(tmp_path):
+    # CFG on (batched branches), rollout batch 3 vs training micro-batch 2, KL against the adapters-off reference.
+    trainer = make_trainer(tmp_path, guidance=4.5, rollout_batch_size=3, train_batch_size=2, prompts_per_epoch=3,
+                           group_size=3, kl_beta=0.004, reference="lora", epochs=1)
+    record = trainer.train_epoch(0)
+    assert record["trained_samples"] == 9 and record["dropped"] == 0
+    assert record["max_abs_ratio_minus_1_first_inner"] < 1e-6
+    assert record["clipfrac"] == 0.0 and record["approx_kl"] < 1e-12
+    assert record["kl"] < 1e-10  # zero-initialised adapters: the policy IS the reference before the first update
+    assert trainer.optimizer_steps == 1 and math.isfinite(record["grad_norm"]) and record["grad_norm"] > 0
+
+
+def _distributed_run(rank, world_size, run_dir):
+    trainer = make_trainer(run_dir, epochs=3, rollout_batch_size=2, train_batch_size=1, kl_beta=0.004,
+                           reference="lora", guidance=2.0, updates_per_epoch=1, inner_epochs=2)
+    history = trainer.train()
+    state = {k: v.tolist() for k, v in trainable(trainer).items()}  # plain lists: tensors do not outlive the worker
+    return {"rewards": [h["reward_mean"] for h in history], "state": state,
+            "ratio": [h["max_abs_ratio_minus_1_first_inner"] for h in history]}
+
+
+def test_two_ranks_equal_one_rank(tmp_path):
+    one = run_distributed(_distributed_run, 1, str(tmp_path / "w1"), timeout_s=120)[0]
+    two = run_distributed(_distributed_run, 2, str(tmp_path / "w2"), timeout_s=120)
+    for r in two:
+        assert r["rewards"] == pytest.approx(one["rewards"], rel=1e-5, abs=1e-6)
+        for k, v in one["state"].items():
+            torch.testing.assert_close(torch.tensor(r["state"][k]), torch.tensor(v), rtol=1e-5, atol=1e-6)
+    assert any(torch.tensor(v).abs().max() > 0 for k, v in one["state"].items() if "lora_up" in k)  # it learned
+    assert max(one["ratio"]) < 1e-5
+
+
+def test_tiny_run_raises_the_brightness_reward(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=20, eval_every=10, eval_rows=2, eval_steps=8, save_every=10, seed=0)
+    history = trainer.train()
+    rewards = [h["reward_mean"] for h in history]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.03, rewards
+    evals = [h["eval_reward"] for h in history if "eval_reward" in h]
+    assert len(evals) == 2 and evals[1] > evals[0]
+    assert (tmp_path / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "checkpoint" / "ema.safetensors").is_file()
+    assert sorted(p.suffix for p in (tmp_path / "samples").iterdir()).count(".gif") == 4
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 20 and "zero_std_fraction" in json.loads(lines[-1])
+
+
+def test_zero_variance_groups_are_dropped_and_make_no_update(tmp_path):
+    trainer = make_trainer(tmp_path, score=lambda frames, refs, prompts: torch.full((frames.shape[0],), 0.5))
+    before = trainable(trainer)
+    record = trainer.train_epoch(0)
+    assert record["zero_std_fraction"] == 1.0 and record["dropped"] == 8 and record["trained_samples"] == 0
+    assert trainer.optimizer_steps == 0
+    for k, v in trainable(trainer).items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_nan_rewards_are_left_out_and_counted(tmp_path):
+    def score(frames, refs, prompts):
+        r = brightness_score(frames)
+        bad = torch.tensor([p == "prompt 0" for p in prompts])
+        return torch.where(bad, torch.full_like(r, float("nan")), r)
+
+    trainer = make_trainer(tmp_path, score=score, rows=2)  # both rows drawn: one group all NaN
+    record = trainer.train_epoch(0)
+    assert record["nonfinite_rewards"] == 4 and record["dropped"] == 4 and record["trained_samples"] == 4
+    assert math.isfinite(record["reward_mean"]) and math.isfinite(record["grad_norm"])
+    assert all(torch.isfinite(v).all() for v in trainable(trainer).values())
+
+
+def test_a_crashing_reward_call_gives_nan_rewards_counts_and_eventually_aborts(tmp_path, capsys):
+    calls = {"n": 0}
+
+    def flaky(frames, refs, prompts):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("reward server unavailable")
+        return brightness_score(frames)
+
+    trainer = make_trainer(tmp_path, score=flaky, rollout_batch_size=2, max_reward_failures=1)
+    record = trainer.train_epoch(0)
+    assert record["reward_failures"] == 1 and record["nonfinite_rewards"] == 2
+    assert record["dropped"] >= 2 and math.isfinite(record["reward_mean"])
+    assert "reward server unavailable" in capsys.readouterr().err
+    calls["n"] = 1  # the next call fails again: 2 failures > max_reward_failures = 1
+    with pytest.raises(RuntimeError, match="failed 2 times"):
+        trainer.train_epoch(1)
+
+
+def test_a_non_finite_gradient_undoes_the_update(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.train_epoch(0)  # creates the AdamW state
+    before = trainable(trainer)
+    moments = [t.clone() for s in trainer.optimizer.state.values() for t in s.values() if t.ndim > 0]
+    for p in trainer.params:
+        p.grad = torch.full_like(p, float("nan"))
+    from idgrpo.rl.trainer import _Meters
+
+    meters = _Meters(trainer.device)
+    trainer._optimizer_step(meters)
+    assert meters.means()["skipped_update"] == 1.0 and int(trainer.skipped_updates) == 1
+    for k, v in trainable(trainer).items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    after = [t for s in trainer.optimizer.state.values() for t in s.values() if t.ndim > 0]
+    for a, b in zip(after, moments, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_resume_continues_the_same_trajectory(tmp_path):
+    straight = make_trainer(tmp_path / "a", epochs=4, kl_beta=0.004, reference="lora")
+    straight.train()
+    first = make_trainer(tmp_path / "b", epochs=2, kl_beta=0.004, reference="lora")
+    first.train()
+    resumed = make_trainer(tmp_path / "b", epochs=4, kl_beta=0.004, reference="lora", resume=True)
+    history = resumed.train()
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert [h["reward_mean"] for h in history] == pytest.approx([h["reward_mean"] for h in straight.history],
+                                                                rel=1e-6)
+    for k, v in trainable(straight).items():
+        torch.testing.assert_close(trainable(resumed)[k], v, rtol=1e-6, atol=1e-7)
+
+
+def test_reward_curve_png_is_a_valid_image(tmp_path):
+    history = [{"epoch": e, "reward_mean": 0.1 * e, **({"eval_reward": 0.2} if e % 2 else {})} for e in range(6)]
+    path = write_curve_png(tmp_path / "curve.png", history, width=64, height=32)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (64, 32)
+    idat = data[data.index(b"IDAT") + 4: data.index(b"IEND") - 8]
+    raw = zlib.decompress(idat)
+    assert len(raw) == 32 * (1 + 64 * 3)
+    assert len(set(raw)) > 3  # white background, black axes, coloured series
+
+
+def test_read_rows_reference_format(tmp_path):
+    image = torch.randint(0, 256, (6, 10, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    (tmp_path / "a.png").write_bytes(_png_bytes(image))
+    csv_path = tmp_path / "train.csv"
+    csv_path.write_text('ref_paths,prompt\n"a.png;/abs/b.png",two people talk\n,a person walks\n')
+    rows = read_rows(csv_path, load_images=False)
+    assert [r.prompt for r in rows] == ["two people talk", "a person walks"]
+    assert rows[0].ref_paths == [str(tmp_path / "a.png"), "/abs/b.png"] and rows[1].ref_paths == []
+    bad = tmp_path / "bad.csv"
+    bad.write_text("ref_paths,caption\nx,y\n")
+    with pytest.raises(ValueError, match="prompt"):
+        read_rows(bad)
+    with pytest.raises(FileNotFoundError, match="b.png"):
+        read_rows(csv_path)
+    pytest.importorskip("av")
+    csv_path.write_text("ref_paths,prompt\na.png,one person\n")
+    (row,) = read_rows(csv_path)
+    assert torch.equal(row.references[0], image)
