@@ -46,8 +46,9 @@ def test_encode_matches_diffusers(pair):
     mean, std = ours.latents_mean, ours.latents_std
     torch.testing.assert_close(z, (mu - mean) / std, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours.encode(video, normalize=False), mu, rtol=1e-4, atol=1e-5)
-    # chunked encode (1, 4, 4 frames: the reference's own chunking) is the same computation
-    torch.testing.assert_close(ours.encode(video, chunk_frames=4), z, rtol=1e-5, atol=1e-6)
+    # chunked encode (1, 4, 4 frames: the reference's own chunking; or 1, 8) is the same computation
+    for chunk in (4, None):
+        torch.testing.assert_close(ours.encode(video, chunk_frames=chunk), z, rtol=1e-5, atol=1e-6)
 
 
 def test_decode_matches_diffusers_in_any_chunking(pair):
@@ -163,3 +164,22 @@ def test_bad_input(tmp_path):
         WanVAE.from_pretrained(tmp_path / "none.pth")
     with pytest.raises(ValueError):
         WanVAEConfig(latents_mean=WAN_LATENTS_MEAN[:3])
+
+
+def test_chunked_decode_keeps_activations_bounded():
+    """With chunk_frames=1 no conv ever sees more than one chunk (+ its 2 cached frames), however long
+    the latent: peak activation memory is independent of the video length."""
+    from idgrpo.models.wan_vae import CausalConv3d
+
+    vae = WanVAE(WanVAEConfig.from_name("tiny")).eval()
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[2]))
+             for m in vae.decoder.modules() if isinstance(m, CausalConv3d)]  # fmt: skip
+    z = randn(1, 16, 6, 2, 2, seed=9)
+    out = vae.decode(z, chunk_frames=1)
+    assert out.shape[2] == 21 and max(seen) <= 4  # 1 latent frame -> at most 4 frames per conv input
+    seen.clear()
+    vae.decode(z, chunk_frames=None)
+    assert max(seen) == 21  # whole-sequence decode: the last stage sees every frame at once
+    for h in hooks:
+        h.remove()

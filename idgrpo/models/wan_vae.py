@@ -111,7 +111,8 @@ class CausalConv3d(nn.Conv3d):
             if history is None:  # first chunk: zero history
                 history = x.new_zeros(x.shape[0], x.shape[1], self.time_context, *x.shape[3:])
             x = torch.cat([history, x], dim=2)
-            state[self] = x[:, :, -self.time_context :].detach()
+            # clone: a view would keep this chunk's whole input alive until the next chunk
+            state[self] = x[:, :, -self.time_context :].detach().clone()
         if any(self.spatial_pad):
             x = F.pad(x, self.spatial_pad)
         return super().forward(x)
@@ -230,7 +231,7 @@ class Resample(nn.Module):
             if y.shape[2] % 2 != 0:
                 raise ValueError(f"later encoder chunks must have an even frame count here, got {y.shape[2]}")
             head, windows = None, torch.cat([last, y], dim=2)
-        state[self] = windows[:, :, -1:].detach()
+        state[self] = windows[:, :, -1:].detach().clone()
         if windows.shape[2] >= 3:
             # The conv has no time padding: call the plain Conv3d to bypass the causal history.
             out = nn.Conv3d.forward(self.time_conv, windows)
@@ -320,11 +321,12 @@ class WanVAE(nn.Module):
             raise ValueError(f"{what}: frame count must be {k}*n+1 (1, {k + 1}, {2 * k + 1}, ...), got {frames}")
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor, *, chunk_frames: int | None = None, normalize: bool = True) -> torch.Tensor:
+    def encode(self, video: torch.Tensor, *, chunk_frames: int | None = 16, normalize: bool = True) -> torch.Tensor:
         """(B, 3, 1+4k, H, W) in [-1, 1] -> latent mean (B, z_dim, 1+k, H/8, W/8), normalised by default.
 
-        Frame 0 goes alone, then chunks of `chunk_frames` (a multiple of 4; None = all remaining frames).
-        Only the mean is used (deterministic encode)."""
+        Frame 0 goes alone, then chunks of `chunk_frames` (a multiple of 4; None = all remaining frames at
+        once); the result does not depend on the chunking, only peak memory does. Only the mean is used
+        (deterministic encode)."""
         if video.ndim != 5 or video.shape[1] != 3:
             raise ValueError(f"expected video (B, 3, T, H, W), got {tuple(video.shape)}")
         self._frame_count_check(video.shape[2], "encode")
