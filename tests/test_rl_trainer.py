@@ -85,7 +85,7 @@ def test_tiny_run_raises_the_brightness_reward(tmp_path):
     evals = [h["eval_reward"] for h in history if "eval_reward" in h]
     assert len(evals) == 2 and evals[1] > evals[0]
     assert (tmp_path / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "checkpoint" / "ema.safetensors").is_file()
+    assert (tmp_path / "ema.safetensors").is_file() and (tmp_path / "checkpoints").is_dir()
     assert sorted(p.suffix for p in (tmp_path / "samples").iterdir()).count(".gif") == 4
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 20 and "zero_std_fraction" in json.loads(lines[-1])

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
-import json
 import math
 import struct
 import sys
@@ -53,7 +52,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from idgrpo.engine import FSDP, build_optimizer, clip_grad_norm_, init_distributed
+from idgrpo.engine import FSDP, Metrics, build_optimizer, clip_grad_norm_, init_distributed
+from idgrpo.engine.checkpoint import Checkpointer, export_lora
 from idgrpo.kernels.group_advantage import group_advantage
 from idgrpo.kernels.grpo_loss import grpo_loss
 from idgrpo.rl.config import GRPOConfig
@@ -308,6 +308,8 @@ class GRPOTrainer:
                                         noise_level=config.noise_level)
         self.eval_schedule = flow_schedule(config.eval_steps, config.shift, config.grid)
         self.run_dir = Path(run_dir or config.run_dir)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=2, config=config)
+        self.ema_checkpointer = Checkpointer(self.run_dir / "checkpoints_ema", keep=2)
         self.optimizer_steps = 0
         self.reward_failures_total = 0
         self.skipped_updates = torch.zeros((), dtype=torch.long, device=self.device)
@@ -531,6 +533,7 @@ class GRPOTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.resume:
             self.load()
+        metrics = Metrics(self.run_dir, rank=self.rank)
         try:
             for epoch in range(self.epoch, cfg.epochs):
                 record = self.train_epoch(epoch)
@@ -539,95 +542,72 @@ class GRPOTrainer:
                     record["eval_reward"] = self.evaluate(epoch)
                 self.history.append(record)
                 self.epoch = epoch + 1
-                if self.rank == 0:
-                    with (self.run_dir / "metrics.jsonl").open("a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    self.log(_format(record))
+                for name, value in record.items():
+                    metrics.add(name, float(value))
+                metrics.flush(epoch)  # JSON lines (+ TensorBoard) on rank 0
+                self.log(_format(record))
                 if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
                     self.save()
         finally:
+            metrics.close()
             self.rewards.close()
         return self.history
 
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return self.policy.full_state_dict(trainable_only=True)
-
     def save(self) -> None:
-        """Checkpoint run_dir/checkpoint (trainable weights, EMA, per-rank optimizer state, counters, history) and
-        the exports (PEFT LoRA when the policy has LoRA, EMA weights). Written to a temporary folder then renamed,
-        so a crash mid-save leaves the previous checkpoint intact."""
-        from safetensors.torch import save_file
-
-        state = self._trainable_state()  # collective: every rank
-        ema_state = None
-        if self.ema is not None:
+        """Checkpoint (the engine's crash-safe sharded format: trainable weights, optimizer, counters, history) and
+        exports: the EMA weights (a second checkpoint, `ema.safetensors`), LoRA adapters in the PEFT format (policy
+        and EMA), the reward curve. A collective: every rank calls it."""
+        extra = {"epoch": self.epoch, "optimizer_steps": self.optimizer_steps, "history": self.history,
+                 "reward_failures_total": self.reward_failures_total}
+        adapter_config = self._adapter_config()
+        if self.ema is not None:  # saved first: the main checkpoint is what makes a step complete
             with self.ema.swapped():
-                ema_state = self._trainable_state()
-        folder, tmp = self.run_dir / "checkpoint", self.run_dir / "checkpoint.tmp"
+                self.ema_checkpointer.save(self.epoch, self.policy, None, {"epoch": self.epoch})
+                state = self.policy.full_state_dict(trainable_only=True)
+                if self.rank == 0:
+                    from safetensors.torch import save_file
+
+                    save_file({k: v.contiguous() for k, v in state.items()}, str(self.run_dir / "ema.safetensors"))
+                if adapter_config is not None:
+                    export_lora(self.policy, self.run_dir / "lora_ema", adapter_config=adapter_config)
+        self.checkpointer.save(self.epoch, self.policy, self.optimizer, extra)
+        if adapter_config is not None:
+            export_lora(self.policy, self.run_dir / "lora", adapter_config=adapter_config)
         if self.rank == 0:
-            _rmtree(tmp)
-            tmp.mkdir(parents=True)
-        _barrier()
-        torch.save(self.optimizer.state_dict(), tmp / f"optimizer-rank{self.rank}.pt")
-        _barrier()
-        if self.rank == 0:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "trainable.safetensors"))
-            if ema_state is not None:
-                save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))
-            meta = {"epoch": self.epoch, "optimizer_steps": self.optimizer_steps, "history": self.history,
-                    "world_size": self.world_size, "reward_failures_total": self.reward_failures_total}
-            (tmp / "state.json").write_text(json.dumps(meta))
-            old = self.run_dir / "checkpoint.old"
-            _rmtree(old)
-            if folder.exists():
-                folder.rename(old)
-            tmp.rename(folder)
-            _rmtree(old)
-            self._export_peft(folder, state)
             write_curve_png(self.run_dir / "reward_curve.png", self.history)
-        _barrier()
 
-    def _export_peft(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
-        """LoRA adapters in the PEFT format (adapter_model.safetensors + adapter_config.json) under folder/peft."""
-        from idgrpo.models.lora import lora_modules, save_peft
+    def _adapter_config(self) -> dict | None:
+        """PEFT adapter_config fields of the policy's LoRA adapters (None without LoRA)."""
+        from idgrpo.models.lora import lora_modules
 
-        module = self.policy.module
-        adapters = list(lora_modules(module))
+        adapters = list(lora_modules(self.policy.module))
         if not adapters:
-            return
-        # FSDP keeps placeholders in the modules between forwards: bind the gathered weights for the export.
-        for name, m in adapters:
-            for part in ("lora_A", "lora_B"):
-                getattr(m, part).__dict__["weight"] = state[f"{name}.{part}.weight"]
-        try:
-            save_peft(module, folder / "peft")
-        finally:
-            for group in self.policy.groups:
-                group.unbind_views()
+            return None
+        m = adapters[0][1]
+        return {"r": m.rank, "lora_alpha": m.alpha, "target_modules": sorted({n.split(".")[-1] if not n.endswith(
+            "to_out.0") else "to_out.0" for n, _ in adapters}), "use_rslora": getattr(m, "use_rslora", False)}
 
     def load(self) -> bool:
-        """Resume from run_dir/checkpoint when it exists; returns whether it did."""
-        from safetensors.torch import load_file
-
-        folder = self.run_dir / "checkpoint"
-        if not (folder / "state.json").is_file():
+        """Resume from the newest complete checkpoint in run_dir (any world size); returns whether it did."""
+        path = self.checkpointer.latest()
+        if path is None:
             return False
-        meta = json.loads((folder / "state.json").read_text())
-        self.policy.load_full_state_dict(load_file(str(folder / "trainable.safetensors")), strict=False)
-        if self.ema is not None and (folder / "ema.safetensors").is_file():
-            ema = load_file(str(folder / "ema.safetensors"))
-            with self.ema.swapped():
-                self.policy.load_full_state_dict(ema, strict=False)
-                self.ema.shadow = [p.detach().float().clone() for p in self.params]
-        opt_path = folder / f"optimizer-rank{self.rank}.pt"
-        if opt_path.is_file() and meta.get("world_size") == self.world_size:
-            self.optimizer.load_state_dict(torch.load(opt_path, weights_only=True, map_location=self.device))
-        else:
-            self.log(f"[train-grpo] optimizer state not restored (saved at world size {meta.get('world_size')})")
-        self.epoch, self.optimizer_steps = meta["epoch"], meta["optimizer_steps"]
-        self.reward_failures_total = meta.get("reward_failures_total", 0)
-        self.history = meta.get("history", [])
-        self.log(f"[train-grpo] resumed from {folder} at epoch {self.epoch}")
+        step = int(path.name.split("_")[-1])
+        if self.ema is not None:
+            ema_path = self.ema_checkpointer.directory / path.name
+            if (ema_path / "index.json").is_file():
+                with self.ema.swapped():
+                    self.ema_checkpointer.load(ema_path, self.policy)
+                    shadow = [p.detach().float().clone() for p in self.params]
+            else:
+                shadow = None
+        _, extra = self.checkpointer.load(path, self.policy, self.optimizer)
+        if self.ema is not None:
+            self.ema.shadow = shadow or [p.detach().float().clone() for p in self.params]
+        self.epoch, self.optimizer_steps = extra["epoch"], extra["optimizer_steps"]
+        self.history = extra.get("history", [])
+        self.reward_failures_total = extra.get("reward_failures_total", 0)
+        self.log(f"[train-grpo] resumed from {path} (epoch {step})")
         return True
 
 
@@ -689,17 +669,6 @@ def _format(record: dict) -> str:
             "max_abs_ratio_minus_1_first_inner", "grad_norm", "eval_reward")
     parts = [f"epoch {int(record['epoch'])}"] + [f"{k} {record[k]:.4g}" for k in keys if k in record]
     return "[train-grpo] " + "  ".join(parts)
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
