@@ -197,3 +197,29 @@ def test_end_to_end_prompts_to_mp4(tmp_path):
     back = read_video(path)
     assert back.shape == (5, 32, 32, 3) and back.dtype == torch.uint8
     assert (back.float() - frames.float()).abs().mean() < 20
+
+
+def test_model_directory_in_wan_layout(tmp_path):
+    """A Wan checkpoint directory (T5 .pth next to the VAE, tokenizer under google/umt5-xxl/) gives the same
+    cache as the same weights and tokenizer in memory; the config is read off the weight shapes."""
+    from idgrpo.models.umt5 import byte_tokenizer
+
+    prompts = _txt(tmp_path, PROMPTS[:3])
+    tiny = _cfg(tmp_path, prompts, output=tmp_path / "tiny.safetensors")
+    encoder, _ = pc.build_text_encoder(tiny, torch.device("cpu"))
+    wan = tmp_path / "Wan2.1-T2V-tiny"
+    (wan / "google" / "umt5-xxl").mkdir(parents=True)
+    torch.save(encoder.state_dict(), wan / "models_t5_umt5-xxl-enc-bf16.pth")
+    torch.save({"decoy": torch.zeros(1)}, wan / "Wan2.1_VAE.pth")  # must not be mistaken for the T5
+    byte_tokenizer().save(str(wan / "google" / "umt5-xxl" / "tokenizer.json"))
+    encode_prompts(tiny)
+    from_dir = _cfg(tmp_path, prompts, output=tmp_path / "dir.safetensors", model=str(wan))
+    encode_prompts(from_dir)
+    a, b = PromptCache(tiny.output), PromptCache(from_dir.output)
+    torch.testing.assert_close(a.lookup(PROMPTS[:3]), b.lookup(PROMPTS[:3]), rtol=0, atol=0)
+    torch.testing.assert_close(a.negative(), b.negative(), rtol=0, atol=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no umT5 weights"):
+        encode_prompts(_cfg(tmp_path, prompts, output=tmp_path / "x.safetensors", model=str(tmp_path / "empty")))
+    with pytest.raises(FileNotFoundError, match="model path not found"):
+        encode_prompts(_cfg(tmp_path, prompts, output=tmp_path / "x.safetensors", model=str(tmp_path / "absent")))

@@ -109,8 +109,12 @@ def test_from_pretrained_directory(tmp_path, pair):
     torch.testing.assert_close(loaded.encode(ids, mask)[0], ours.encode(ids, mask)[0], rtol=0, atol=0)
     # config.json is read when no config is given (the text length stays configurable)
     assert UMT5Encoder.from_pretrained(tmp_path, dtype=torch.float32).config.dim == 32
+    # the Wan layout (models_t5_umt5-xxl-enc-bf16.pth) loads with weights_only
+    torch.save(ours.state_dict(), tmp_path / "models_t5_umt5-tiny-enc.pth")
+    wan = UMT5Encoder.from_pretrained(tmp_path / "models_t5_umt5-tiny-enc.pth", ours.config, dtype=torch.float32)
+    torch.testing.assert_close(wan.encode(ids, mask)[0], ours.encode(ids, mask)[0], rtol=0, atol=0)
     with pytest.raises(ValueError, match="missing"):
-        UMT5Encoder(UMT5Config.from_name("tiny")).load_state_dict_any({"shared.weight": torch.zeros(256, 32)})
+        UMT5Encoder(UMT5Config.from_name("tiny")).load_state_dict_any({"shared.weight": torch.zeros(384, 32)})
 
 
 def test_tokenizer(tmp_path):

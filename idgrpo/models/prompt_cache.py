@@ -244,6 +244,8 @@ def build_text_encoder(cfg: EncodePromptsConfig, device: torch.device):
         encoder = UMT5Encoder(UMT5Config.from_name("tiny", text_len=cfg.text_len)).to(device=device, dtype=dtype)
         return encoder.eval(), UMT5Tokenizer(byte_tokenizer(), cfg.text_len, clean=cfg.clean)
     weights = Path(cfg.model)
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights}: umT5 model path not found (a local directory or file, or 'tiny')")
     if weights.is_dir() and not (weights / "config.json").exists():
         # A Wan checkpoint directory also holds the VAE and DiT: pick the T5 file by name.
         found = sorted(weights.glob("*t5*.pth")) + sorted(weights.glob("*t5*.safetensors"))
@@ -254,11 +256,7 @@ def build_text_encoder(cfg: EncodePromptsConfig, device: torch.device):
                                     "or text_encoder/)")  # fmt: skip
         weights = found[0]
     tokenizer = UMT5Tokenizer(_find_tokenizer(cfg, weights), cfg.text_len, clean=cfg.clean)
-    config = None
-    directory = weights if weights.is_dir() else weights.parent
-    if not (directory / "config.json").exists():
-        config = UMT5Config(text_len=cfg.text_len)
-    encoder = UMT5Encoder.from_pretrained(weights, config, dtype=dtype, device=device)
+    encoder = UMT5Encoder.from_pretrained(weights, dtype=dtype, device=device)  # config: config.json or shapes
     encoder.config.text_len = cfg.text_len
     return encoder, tokenizer
 

@@ -73,6 +73,20 @@ class UMT5Config:
         return cls(**{**_PRESETS[name], **overrides})
 
     @classmethod
+    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], **overrides) -> UMT5Config:
+        """Shapes read off Wan-layout weights (max_distance and eps keep their defaults)."""
+        try:
+            vocab_size, dim = state_dict["token_embedding.weight"].shape
+            num_buckets, num_heads = state_dict["blocks.0.pos_embedding.embedding.weight"].shape
+            inner = state_dict["blocks.0.attn.q.weight"].shape[0]
+            ffn_dim = state_dict["blocks.0.ffn.fc1.weight"].shape[0]
+        except KeyError as e:
+            raise ValueError(f"not umT5 encoder weights: no {e} tensor") from e
+        num_layers = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
+        return cls(vocab_size=vocab_size, dim=dim, num_heads=num_heads, head_dim=inner // num_heads, ffn_dim=ffn_dim,
+                   num_layers=num_layers, num_buckets=num_buckets, **overrides)  # fmt: skip
+
+    @classmethod
     def from_hf_json(cls, path: str | Path, **overrides) -> UMT5Config:
         c = json.loads(Path(path).read_text())
         return cls(
@@ -204,9 +218,7 @@ class UMT5Encoder(nn.Module):
 
     def load_state_dict_any(self, state_dict: dict[str, torch.Tensor], *, source: str = "state dict"):
         """Load the Wan T5 layout or HF `UMT5EncoderModel` keys (strict; HF decoder keys are ignored)."""
-        if any(k.startswith(("encoder.block.", "shared.")) for k in state_dict):
-            state_dict = {hf_to_wan_key(k): v for k, v in state_dict.items()
-                          if not k.startswith(("decoder.", "lm_head.", "encoder.embed_tokens."))}  # fmt: skip
+        state_dict = to_wan_layout(state_dict)
         expected = self.state_dict()
         missing = sorted(set(expected) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(expected))
@@ -236,9 +248,6 @@ class UMT5Encoder(nn.Module):
         if not path.exists():
             raise FileNotFoundError(f"{path}: umT5 weights not found")
         directory = path if path.is_dir() else path.parent
-        if config is None:
-            config = UMT5Config.from_hf_json(directory / "config.json") if (directory / "config.json").exists() \
-                else UMT5Config()  # fmt: skip
         if path.is_dir():
             files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.pth"))
             if not files:
@@ -253,11 +262,22 @@ class UMT5Encoder(nn.Module):
                 state_dict.update(load_file(str(f)))
             else:
                 state_dict.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
-        state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+        state_dict = {k: v.to(device=device, dtype=dtype) for k, v in to_wan_layout(state_dict).items()}
+        if config is None:  # HF config.json when there is one, else the shapes of the weights
+            config = UMT5Config.from_hf_json(directory / "config.json") if (directory / "config.json").exists() \
+                else UMT5Config.from_state_dict(state_dict)  # fmt: skip
         with torch.device("meta"):
             model = cls(config)
         model.load_state_dict_any(state_dict, source=str(path))
         return model.eval()
+
+
+def to_wan_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF `UMT5EncoderModel` / `UMT5Model` keys -> Wan keys (decoder and tied copies dropped); Wan keys as is."""
+    if not any(k.startswith(("encoder.block.", "shared.")) for k in state_dict):
+        return state_dict
+    return {hf_to_wan_key(k): v for k, v in state_dict.items()
+            if not k.startswith(("decoder.", "lm_head.", "encoder.embed_tokens."))}  # fmt: skip
 
 
 def hf_to_wan_key(key: str) -> str:
