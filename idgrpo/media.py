@@ -40,16 +40,36 @@ def uniform_indices(total: int, num: int) -> list[int]:
     return np.linspace(0, total - 1, num).round().astype(np.int64).tolist()
 
 
-def _decode_frames(path: Path) -> list:
-    """All decoded frames (av.VideoFrame, still in the codec's pixel format) of the first video stream."""
+def _decode_frames(path: Path, num_frames: int | None = None) -> list:
+    """Decoded frames (av.VideoFrame, still in the codec's pixel format) of the first video stream: all of
+    them, or `num_frames` uniformly sampled ones. When the container states its frame count, decoding keeps
+    only the sampled frames and stops after the last one; a count that turns out wrong falls back to a full
+    decode."""
     av = _av()
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise ValueError(f"{path}: no video stream")
-            return list(container.decode(video=0))
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            stated = stream.frames
+            if num_frames is not None and stated > 0:
+                wanted = uniform_indices(stated, num_frames)
+                wanted_set, last, picked = set(wanted), wanted[-1], {}
+                for i, frame in enumerate(container.decode(stream)):
+                    if i in wanted_set:
+                        picked[i] = frame
+                    if i >= last:
+                        break
+                if len(picked) == len(wanted_set):
+                    return [picked[i] for i in wanted]
+        with av.open(str(path)) as container:
+            frames = list(container.decode(video=0))
     except (av.error.FFmpegError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot decode ({type(e).__name__}: {e})") from e
+    if num_frames is not None and frames:
+        frames = [frames[i] for i in uniform_indices(len(frames), num_frames)]
+    return frames
 
 
 def _stack_rgb(frames: list, path: Path) -> torch.Tensor:
@@ -83,11 +103,9 @@ def read_video(path: str | Path, num_frames: int | None = None) -> torch.Tensor:
         if len(shapes) != 1:
             raise ValueError(f"{path}: images in the folder have different sizes {sorted(shapes)}")
         return torch.stack(images)
-    frames = _decode_frames(path)
+    frames = _decode_frames(path, num_frames)
     if not frames:
         raise ValueError(f"{path}: video has no decodable frames (empty or corrupt)")
-    if num_frames is not None:
-        frames = [frames[i] for i in uniform_indices(len(frames), num_frames)]
     return _stack_rgb(frames, path)
 
 

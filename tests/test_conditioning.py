@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from idgrpo.models.conditioning import (
     fit_on_white,
+    group_by_reference_count,
     load_references,
     phantom_inject,
     phantom_reference_latents,
@@ -110,8 +111,12 @@ def test_phantom(vae):
 
 
 def test_bad_input(vae, tmp_path):
+    mixed = [[_image(8, 8, 0)], [_image(8, 8, 1), _image(8, 8, 2)], [_image(8, 8, 3)]]
     with pytest.raises(ValueError, match="same number of references"):
-        vace_context(vae, [[_image(8, 8, 0)], [_image(8, 8, 1), _image(8, 8, 2)]], FRAMES, H, W)
+        vace_context(vae, mixed, FRAMES, H, W)
+    groups = group_by_reference_count(mixed)
+    assert groups == {1: [0, 2], 2: [1]}
+    assert vace_context(vae, [mixed[i] for i in groups[1]], FRAMES, H, W).shape == (2, 96, 1 + 2, 2, 3)
     with pytest.raises(ValueError, match="at least one reference"):
         phantom_reference_latents(vae, [[]], H, W)
     with pytest.raises(ValueError, match="4\\*n\\+1"):

@@ -67,6 +67,15 @@ def load_references(paths: Sequence[str | Path], *, where: str = "") -> list[tor
     return images
 
 
+def group_by_reference_count(references: Sequence[Sequence[object]]) -> dict[int, list[int]]:
+    """Sample indices per reference count ({1: [0, 3], 2: [1, 2]}): the batches `vace_context` and
+    `phantom_reference_latents` accept, since the count sets the latent length."""
+    groups: dict[int, list[int]] = {}
+    for i, refs in enumerate(references):
+        groups.setdefault(len(refs), []).append(i)
+    return groups
+
+
 def _reference_count(references: Sequence[Sequence[torch.Tensor]]) -> int:
     counts = [len(r) for r in references]
     if not counts:
