@@ -192,7 +192,10 @@ def test_end_to_end_prompts_to_mp4(tmp_path):
     vae = WanVAE(WanVAEConfig.from_name("tiny")).eval()
     video = vae.decode(latents, chunk_frames=1)  # (2, 3, 5, 32, 32) in [-1, 1]
     assert video.shape == (2, 3, 5, 32, 32)
-    frames = ((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (T, H, W, 3)
+    all_frames = vae.decode_frames(latents)  # (2, 5, 32, 32, 3) uint8
+    expected = ((video.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    torch.testing.assert_close(all_frames, expected, rtol=0, atol=0)
+    frames = all_frames[0]
     path = write_video(tmp_path / "sample.mp4", frames, fps=16)
     back = read_video(path)
     assert back.shape == (5, 32, 32, 3) and back.dtype == torch.uint8

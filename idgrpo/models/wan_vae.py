@@ -379,6 +379,12 @@ class WanVAE(nn.Module):
         assert written == shape[2], (written, shape)
         return out
 
+    def decode_frames(self, z: torch.Tensor, *, chunk_frames: int | None = 1, normalized: bool = True) -> torch.Tensor:
+        """Latent -> uint8 frames (B, T, H, W, 3), the layout of the reward interface and `media.write_video`."""
+        video = self.decode(z, chunk_frames=chunk_frames, normalized=normalized)  # (B, 3, T, H, W)
+        frames = video.float().add_(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
+        return frames.permute(0, 2, 3, 4, 1).contiguous()
+
     # -- weights ---------------------------------------------------------------------------------
 
     def load_state_dict_any(self, state_dict: dict[str, torch.Tensor], *, source: str = "state dict"):
