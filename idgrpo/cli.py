@@ -21,6 +21,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("idgrpo.env:env", "Versions, devices, optional accelerators and the kernel backend per op."),
     "encode-prompts": ("idgrpo.models.prompt_cache:encode_prompts", "Cache umT5 prompt embeddings."),
+    "train-grpo": ("idgrpo.rl.recipe:train_grpo", "Identity-GRPO training (presets tiny, vace-1.3b, phantom-1.3b)."),
 }
 
 

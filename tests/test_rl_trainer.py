@@ -197,3 +197,23 @@ def test_read_rows_reference_format(tmp_path):
     csv_path.write_text("ref_paths,prompt\na.png,one person\n")
     (row,) = read_rows(csv_path)
     assert torch.equal(row.references[0], image)
+
+
+def test_cli_train_grpo_tiny_toy_and_tiny_wan_dit_with_lora(tmp_path):
+    from idgrpo.cli import main
+
+    main(["train-grpo", "tiny", "--epochs", "2", "--eval-every", "2", "--run-dir", str(tmp_path / "toy")])
+    assert len((tmp_path / "toy" / "metrics.jsonl").read_text().splitlines()) == 2
+    # The real model path: Wan DiT + LoRA, KL against the adapters switched off, PEFT export.
+    main(["train-grpo", "tiny", "--model", "tiny", "--lora-rank", "4", "--lora-alpha", "4", "--kl-beta", "0.004",
+          "--reference", "lora", "--num-steps", "3", "--epochs", "1", "--eval-every", "0", "--guidance", "3.0",
+          "--prompts-per-epoch", "1", "--group-size", "2", "--rollout-batch-size", "2", "--train-batch-size", "1",
+          "--run-dir", str(tmp_path / "dit")])
+    record = json.loads((tmp_path / "dit" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["max_abs_ratio_minus_1_first_inner"] < 1e-5 and record["kl"] < 1e-8
+    config = json.loads((tmp_path / "dit" / "lora" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and "to_q" in config["target_modules"]
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "dit" / "lora" / "adapter_model.safetensors"))
+    assert weights and all(k.startswith("base_model.model.blocks.") for k in weights)

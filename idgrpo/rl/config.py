@@ -36,7 +36,8 @@ class GRPOConfig:
     """Evaluation rows, same format; evaluated every `eval_every` epochs with fixed noise and the ODE sampler."""
     reward: str = "idgrpo.rl.toy:brightness_reward"
     """Reward factory "module:function", called as factory(config, device) -> score(frames, references, prompts).
-    Resolved at run time, so the trainer never imports a reward implementation (DESIGN.md layering)."""
+    Resolved at run time, so the trainer never imports a reward implementation (DESIGN.md layering). Required
+    (no default) for the 1.3B presets: pass the identity reward model's factory."""
     run_dir: str = "runs/grpo"
     """Metrics (JSON lines), checkpoints, LoRA (PEFT) + EMA exports, reward curve PNG and sample videos."""
 
@@ -175,6 +176,8 @@ class GRPOConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.kl_beta < 0 or not 0 <= self.ema_decay < 1 or self.ema_every < 1:
             raise ValueError("kl_beta must be >= 0, ema_decay in [0, 1), ema_every >= 1")
+        if self.reward and ":" not in self.reward:
+            raise ValueError(f"reward={self.reward!r}: expected 'module:function'")
         if self.model in ("vace-1.3b", "phantom-1.3b") and self.lora_rank == 0 and self.reference == "lora":
             raise ValueError("full fine-tuning (lora_rank 0) needs reference='copy' for the KL anchor")
 
@@ -202,13 +205,13 @@ PRESETS: dict[str, GRPOConfig] = {
         model="vace-1.3b", height=240, width=416, num_frames=33, num_steps=25, shift=3.0, grid="diffusers",
         guidance=4.5, group_size=8, lora_rank=32, lora_alpha=32.0, lr=1e-4, clip_range=1e-3, adv_clip=5.0,
         kl_beta=0.004, ema_decay=0.9, ema_every=8, timestep_fraction=0.99, eval_steps=50,
-        reward="idgrpo.reward.scoring:build_reward", run_dir="runs/grpo-vace-1.3b",
+        reward="", run_dir="runs/grpo-vace-1.3b",
     ),
     # Phantom-Wan-1.3B with the same GRPO settings; its sampler grid is Wan's original, references appended in time.
     "phantom-1.3b": GRPOConfig(
         model="phantom-1.3b", height=240, width=416, num_frames=33, num_steps=25, shift=5.0, grid="wan",
         guidance=7.5, guidance_image=5.0, group_size=8, lora_rank=32, lora_alpha=32.0, lr=1e-4, clip_range=1e-3,
         adv_clip=5.0, kl_beta=0.004, ema_decay=0.9, ema_every=8, timestep_fraction=0.99, eval_steps=50,
-        reward="idgrpo.reward.scoring:build_reward", run_dir="runs/grpo-phantom-1.3b",
+        reward="", run_dir="runs/grpo-phantom-1.3b",
     ),
 }
