@@ -139,7 +139,8 @@ def test_original_format_keys_load_through_the_mapping(t2v, vace, tmp_path):
         save_file({k: original[k].contiguous() for k in keys[half:]}, str(directory / "model-2.safetensors"))
         (directory / "config.json").write_text(json.dumps(original_config(config)))
         checkpoint = Checkpoint(directory)
-        assert checkpoint.key_format == "original"
+        assert checkpoint.key_format == "original" and len(checkpoint) == len(original)
+        assert torch.equal(checkpoint["blocks.0.norm2.weight"], original["blocks.0.norm3.weight"])  # lazy read
         model = load_wan_dit(directory, dtype=torch.float32)
         latents, timestep, context = inputs(config, seed=3)
         kwargs = {}
@@ -232,6 +233,14 @@ def test_wrong_checkpoints_raise_one_clear_error(t2v, vace, tmp_path):
         load_wan_dit(tmp_path / "other.safetensors", config="tiny")
     with pytest.raises(CheckpointError, match="no config.json"):
         load_wan_dit(tmp_path / "broken.safetensors")
+    # A pickle that would run code is refused (weights_only=True), with the file named.
+    torch.save({"blocks.0.modulation": Unsafe()}, tmp_path / "unsafe.pth")
+    with pytest.raises(CheckpointError, match="unsafe.pth: cannot read as a weights-only"):
+        load_wan_dit(tmp_path / "unsafe.pth", config="tiny")
+
+
+class Unsafe:
+    """Stands for an arbitrary pickled object (code on load)."""
 
 
 @torch.no_grad()

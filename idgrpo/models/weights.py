@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -174,8 +174,10 @@ def original_config(config: WanConfig) -> dict:
 # ----------------------------------------------------------------------------- reading
 
 
-class Checkpoint:
-    """Lazy view of a Wan DiT checkpoint with diffusers key names: `.keys()`, `.shape(key)`, `.get(key)`.
+class Checkpoint(Mapping):
+    """Lazy read-only mapping diffusers key -> tensor over a Wan DiT checkpoint; a tensor is read from
+    disk when indexed (so `fsdp.load_full_state_dict(Checkpoint(path))` streams), `.shape(key)` reads
+    none.
 
     `path`: a directory (diffusers or original layout, or a pipeline root with `transformer/`), or a
     single `.safetensors` / `.pth` / `.pt` / `.bin` file. `.config` is the parsed `config.json`
@@ -210,13 +212,24 @@ class Checkpoint:
             self._where[name] = (file, key)
             self._shapes[name] = shape
 
-    def keys(self) -> list[str]:
-        return list(self._where)
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.get(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, key) -> bool:
+        return key in self._where
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._shapes[key]
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, default=None) -> torch.Tensor:
+        if key not in self._where:
+            return default
         file, raw = self._where[key]
         if file in self._pth:
             return self._pth[file][raw]
@@ -269,8 +282,14 @@ def _list_tensors(file: Path, pth_cache: dict) -> list[tuple[str, tuple[int, ...
         with safe_open(str(file), framework="pt") as f:
             return [(k, tuple(f.get_slice(k).get_shape())) for k in f.keys()]
     if file.suffix in (".pth", ".pt", ".bin"):
-        try:  # pickles are never executed: tensors and containers only
+        # Pickles are never executed: tensors and containers only. mmap needs the zip format (torch >= 1.6).
+        try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - re-raised with the file name
+                raise CheckpointError(f"{file}: cannot read as a weights-only torch state dict ({e})") from e
         except Exception as e:  # noqa: BLE001 - re-raised with the file name
             raise CheckpointError(f"{file}: cannot read as a weights-only torch state dict ({e})") from e
         for wrapper in ("state_dict", "model", "module"):
