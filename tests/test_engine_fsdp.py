@@ -163,6 +163,19 @@ def _grads_once(rank, world_size, kwargs):
     return grads, {g.key: (g.trainable, g.replicated, g.shard_numel, g.numel) for g in model.groups}
 
 
+def _inference():
+    """Outputs under no_grad / inference_mode / grad-enabled-but-unused forwards, and of the plain model."""
+    model = FSDP(TinyTransformer())
+    x, _ = batch(0)
+    with torch.no_grad():
+        no_grad = model(x)
+    with torch.inference_mode():
+        inference = model(x)
+    unused = model(x).detach()  # a graph that is never backpropagated
+    return {"no_grad": no_grad, "inference": inference.clone(), "unused": unused,
+            "gathered_after": any(g.gathered for g in model.groups)}
+
+
 def _suite(rank, world_size):
     """Every configuration in one spawn per world size: process start-up dominates these tests."""
     init_distributed()
@@ -182,6 +195,10 @@ def _suite(rank, world_size):
             "lora_replicated": _fsdp_train(rank, world_size, {"replicate_trainable_below": 10_000}, {}, True),
             "lora_layout": {g.key: (g.trainable, g.replicated, g.shard_numel, g.numel)
                             for g in FSDP(add_lora(TinyTransformer()), replicate_trainable_below=10_000).groups},
+            "lora_ckpt_bf16": _fsdp_train(rank, world_size, {"activation_checkpointing": True,
+                                                             "compute_dtype": torch.bfloat16}, {"forwards": 2}, True),
+            "lora_ckpt": _fsdp_train(rank, world_size, {"activation_checkpointing": True}, {"forwards": 2}, True),
+            "inference": _inference(),
         })
     return portable(out)
 
@@ -197,11 +214,17 @@ def one_rank():
 
 
 def reference(lora=False, **train_kwargs):
-    model = TinyTransformer()
-    if lora:
-        add_lora(model)
-    losses = train(model, 5, 0, 1, **train_kwargs)
-    return params_of(model), losses
+    """The plain module trained in this process on the whole global batch."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: OpenMP threads only contend (30x slower on a loaded CI box)
+    try:
+        model = TinyTransformer()
+        if lora:
+            add_lora(model)
+        losses = train(model, 5, 0, 1, **train_kwargs)
+        return params_of(model), losses
+    finally:
+        torch.set_num_threads(threads)
 
 
 def assert_close_rel(got: dict, want: dict, rtol: float):
@@ -284,3 +307,24 @@ def test_rejects_nested_units():
     model = TinyTransformer()
     with pytest.raises(ValueError, match="nest"):
         FSDP(model, units=[model.blocks[0], model.blocks[0].qkv])
+
+
+def test_lora_with_activation_checkpointing_and_bf16(two_ranks):
+    want, want_losses = reference(lora=True, forwards=2)
+    assert_close_rel(two_ranks[0]["lora_ckpt"][0], want, 1e-6)
+    bf16, bf16_losses = two_ranks[0]["lora_ckpt_bf16"]
+    losses = (bf16_losses + two_ranks[1]["lora_ckpt_bf16"][1]) / 2
+    torch.testing.assert_close(losses, want_losses, rtol=3e-2, atol=0)
+    base = params_of(add_lora(TinyTransformer()))
+    for k in want:
+        if "lora" not in k:
+            assert torch.equal(bf16[k], base[k].to(torch.bfloat16).float()), k  # frozen base stored in bf16
+
+
+def test_inference_forwards_match_the_plain_model(two_ranks):
+    with torch.no_grad():
+        want = TinyTransformer()(batch(0)[0])
+    got = two_ranks[1]["inference"]
+    for k in ("no_grad", "inference", "unused"):
+        torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6)
+    assert not got["gathered_after"]  # every unit's gathered weights were released
