@@ -61,3 +61,28 @@ def clip_grad_norm_(fsdp_model_or_params, max_norm: float) -> torch.Tensor:
     if grads:
         torch._foreach_mul_(grads, coef)
     return total
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, *values: torch.Tensor) -> torch.Tensor:
+    """`optimizer.step()` unless any of `values` (the loss, the gradient norm) holds a NaN/Inf.
+
+    Returns a 0-d float tensor on device: 1.0 when the update was skipped (add it to Metrics to
+    count skips). With fused torch Adam/AdamW (the CUDA default) the skip happens on device
+    through the optimizer's `found_inf` input, with no host sync; with other optimizers (apex,
+    CPU foreach) the decision costs one host read, which on CPU is free.
+    """
+    if not values:
+        raise ValueError("step_if_finite needs at least one tensor to check")
+    finite = torch.stack([torch.isfinite(v.detach()).all() for v in values]).all()
+    skipped = (~finite).float()
+    fused = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and all(
+        pg.get("fused") for pg in optimizer.param_groups)
+    if fused:
+        optimizer.found_inf = skipped  # read by torch's fused Adam kernels: skip the whole update
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif bool(finite):
+        optimizer.step()
+    return skipped

@@ -1,0 +1,39 @@
+"""Optimizer helpers without a process group: clipping and skipping non-finite updates."""
+
+import pytest
+import torch
+
+from idgrpo.engine.optim import build_optimizer, clip_grad_norm_, step_if_finite
+from idgrpo.testing import randn
+
+
+def params_with_grads(seed=0):
+    ps = [torch.nn.Parameter(randn(5, 3, seed=seed)), torch.nn.Parameter(randn(7, seed=seed + 1))]
+    for i, p in enumerate(ps):
+        p.grad = randn(*p.shape, seed=seed + 10 + i)
+    return ps
+
+
+def test_clip_grad_norm_matches_torch():
+    ours, theirs = params_with_grads(), params_with_grads()
+    norm = clip_grad_norm_(ours, 0.5)
+    want = torch.nn.utils.clip_grad_norm_(theirs, 0.5)
+    torch.testing.assert_close(norm, want)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad)
+    assert norm > 0.5  # clipping happened
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_step_if_finite_skips_nan_updates(fused):
+    ps = params_with_grads()
+    opt = build_optimizer(ps, lr=0.1) if not fused else torch.optim.AdamW(ps, lr=0.1, fused=True)
+    before = [p.detach().clone() for p in ps]
+    skipped = step_if_finite(opt, torch.tensor(float("nan")), torch.tensor(1.0))
+    assert skipped.item() == 1.0
+    for p, b in zip(ps, before):
+        assert torch.equal(p.detach(), b)
+    skipped = step_if_finite(opt, torch.tensor(2.0))
+    assert skipped.item() == 0.0
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(ps, before))
+    assert float(opt.state[ps[0]]["step"]) == 1.0  # the skipped step was not counted
