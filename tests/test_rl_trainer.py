@@ -56,6 +56,47 @@ def test_on_policy_ratio_is_one_when_rollout_and_train_micro_batches_differ(tmp_
     assert trainer.optimizer_steps == 1 and math.isfinite(record["grad_norm"]) and record["grad_norm"] > 0
 
 
+def test_sliding_window_frozen_copy_reference_several_updates_and_reward_thread(tmp_path):
+    import threading
+
+    threads = set()
+
+    def score(frames, refs, prompts):
+        threads.add(threading.current_thread().name)
+        return brightness_score(frames)
+
+    trainer = make_trainer(tmp_path, score=score, num_steps=8, sde_window_size=2, sde_window_slide_every=1,
+                           sde_window_stride=3, kl_beta=0.01, reference="copy", updates_per_epoch=2,
+                           inner_epochs=2, epochs=3, rollout_batch_size=2)
+    history = trainer.train()
+    assert [h["sde_window_start"] for h in history] == [0, 3, 6]
+    assert all(name.startswith("reward") for name in threads)  # scored on the worker thread, not the main one
+    assert trainer.optimizer_steps == 3 * 2 * 2
+    assert all(h["max_abs_ratio_minus_1_before_update"] < 1e-6 for h in history)
+    assert history[-1]["kl"] > 0  # the policy drifts from the frozen copy once updated
+    assert history[0]["max_abs_ratio_minus_1_first_inner"] > 1e-6  # later micro-batches see the updated policy
+
+
+def test_reference_means_come_from_the_frozen_copy_during_rollout(tmp_path):
+    from idgrpo.kernels.grpo_loss import grpo_step
+    from idgrpo.rl.sampler import guided_velocity
+
+    trainer = make_trainer(tmp_path, kl_beta=0.01, reference="copy", guidance=3.0)
+    with torch.no_grad():
+        for p in trainer.params:
+            p.add_(0.05)  # move the policy away from the copy
+    _, cond, plan, data, _ = trainer.rollout(0)
+    assert data["ref_means"].shape == data["states"][:, 1:].shape
+    k = plan.trained[0]
+    sigma, sigma_next, std, t = trainer.steps.at(k, 8)
+    x = data["states"][:, 0]
+    eps = torch.zeros_like(x)
+    ref_mean = grpo_step(x, guided_velocity(trainer.reference, x, t, cond), sigma, sigma_next, std, eps)[2]
+    policy_mean = grpo_step(x, guided_velocity(trainer.policy, x, t, cond), sigma, sigma_next, std, eps)[2]
+    torch.testing.assert_close(data["ref_means"][:, 0], ref_mean, rtol=1e-5, atol=1e-5)
+    assert (policy_mean - ref_mean).abs().max() > 1e-3
+
+
 def _distributed_run(rank, world_size, run_dir):
     trainer = make_trainer(run_dir, epochs=3, rollout_batch_size=2, train_batch_size=1, kl_beta=0.004,
                            reference="lora", guidance=2.0, updates_per_epoch=1, inner_epochs=2)

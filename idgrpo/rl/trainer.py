@@ -415,15 +415,19 @@ class GRPOTrainer:
         scale = world * chunks / (n_kept * K)
         local_kept = keep_local.nonzero().flatten()
         states, log_probs, ref_means = data["states"], data["log_probs"], data["ref_means"]
+        padding = torch.zeros(1, dtype=torch.long, device=self.device)
+        first_update_done = False
         for inner in range(cfg.inner_epochs):
             gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) * 997 + inner * 31 + self.rank)
             order = local_kept[torch.randperm(local_kept.numel(), generator=gen)]
+            # One host-to-device copy per inner epoch; the micro-batches are device slices of it (no syncs).
+            order_dev = (order.pin_memory() if self.device.type == "cuda" else order).to(self.device,
+                                                                                         non_blocking=True)
             for i in range(num_micro):
-                idx = order[i * mb:(i + 1) * mb]
-                weight = scale * idx.numel()
-                if idx.numel() == 0:  # this rank ran out of kept samples: a weight-0 pass keeps collectives matched
-                    idx = torch.zeros(1, dtype=torch.long)
-                idx_dev = idx.to(self.device)
+                size = max(0, min(mb, order.numel() - i * mb))
+                weight = scale * size
+                # A rank out of kept samples runs a weight-0 pass on sample 0, so the collectives stay matched.
+                idx_dev = order_dev[i * mb: i * mb + size] if size else padding
                 cond = conditioning.select(idx_dev)
                 last_in_chunk = (i + 1) * chunks // num_micro != i * chunks // num_micro or i == num_micro - 1
                 for j, k in enumerate(trained):
@@ -447,10 +451,14 @@ class GRPOTrainer:
                     meters.add("clipfrac", stats["clipfrac"], real)
                     meters.add("approx_kl", stats["approx_kl"], real)
                     meters.add("kl", stats["kl"].mean(), real)
+                    deviation = (stats["ratio"] - 1).abs().max()
                     if inner == 0:
-                        meters.max("max_abs_ratio_minus_1_first_inner", (stats["ratio"] - 1).abs().max(), real)
+                        meters.max("max_abs_ratio_minus_1_first_inner", deviation, real)
+                    # Before the first optimizer step the policy is the rollout policy: this must be ~0.
+                    meters.max("max_abs_ratio_minus_1_before_update", deviation, 0 if first_update_done else real)
                 if last_in_chunk:
                     self._optimizer_step(meters)
+                    first_update_done = True
 
     def _optimizer_step(self, meters: _Meters) -> None:
         """Clip, step and EMA; a non-finite gradient norm undoes the step on the device (no host sync) and is
