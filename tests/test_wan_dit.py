@@ -228,6 +228,9 @@ def test_wrong_checkpoints_raise_one_clear_error(t2v, vace, tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_wan_dit(tmp_path / "broken.safetensors", config="tiny")
     assert "blocks.1.attn2.norm_k.weight" in str(err.value) and "blocks.1.extra.weight" in str(err.value)
+    with pytest.raises(CheckpointError) as err:  # extras may be ignored on request; a missing tensor never
+        load_wan_dit(tmp_path / "broken.safetensors", config="tiny", ignore_unexpected=True)
+    assert "blocks.1.attn2.norm_k.weight" in str(err.value) and "blocks.1.extra.weight" not in str(err.value)
     save_file({"encoder.weight": torch.ones(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(CheckpointError, match="not a Wan DiT"):
         load_wan_dit(tmp_path / "other.safetensors", config="tiny")

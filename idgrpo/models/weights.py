@@ -397,9 +397,11 @@ def materialize_(model: nn.Module, tensors, *, dtype: torch.dtype | None, device
 
 
 def load_wan_dit(path: str | Path, config: WanConfig | str | None = None, *, dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str = "cpu") -> WanDiT:
+                 device: torch.device | str = "cpu", ignore_unexpected: bool = False) -> WanDiT:
     """Build a WanDiT on the meta device and fill it from a checkpoint, each tensor materialised once in
-    `dtype` on `device`. `config`: a WanConfig, a preset name, or None to read `config.json`."""
+    `dtype` on `device`. `config`: a WanConfig, a preset name, or None to read `config.json`.
+    `ignore_unexpected`: skip checkpoint tensors the model does not have (the reference Phantom loader
+    uses strict=False); missing or mis-shaped tensors are always an error."""
     checkpoint = Checkpoint(path)
     if config is None:
         config = checkpoint.wan_config()
@@ -410,9 +412,12 @@ def load_wan_dit(path: str | Path, config: WanConfig | str | None = None, *, dty
     found = {k: checkpoint.shape(k) for k in checkpoint.keys()}
     # Note: diffusers ignores a stray `norm_added_q` in some Wan checkpoints; so do we.
     found = {k: s for k, s in found.items() if "norm_added_q" not in k}
+    expected = expected_shapes(model)
+    if ignore_unexpected:
+        found = {k: s for k, s in found.items() if k in expected}
     target = (f"WanDiT(dim={config.dim}, num_layers={config.num_layers}, vace_layers={len(config.vace_layers)} "
               f"blocks)")
-    check_keys(expected_shapes(model), found, source=f"checkpoint {checkpoint.path} ({checkpoint.key_format} "
+    check_keys(expected, found, source=f"checkpoint {checkpoint.path} ({checkpoint.key_format} "
                f"keys, {len(found)} tensors)", target=target, hint=_mismatch_hint(config, found))
     materialize_(model, ((k, t) for k, t in checkpoint.items() if k in found), dtype=dtype, device=device)
     return model
