@@ -47,9 +47,35 @@ def load_reward(spec: str, config: GRPOConfig, device: torch.device):
     return factory(config, device)
 
 
-def frames_from_video(video: torch.Tensor) -> torch.Tensor:
-    """VAE output (B, 3, T, H, W) in [-1, 1] -> uint8 frames (B, T, H, W, 3) on the same device."""
-    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
+def vace_conditioning_builder(vae, text, config: GRPOConfig, n_ref: int):
+    """rows -> Conditioning for Wan-VACE: the 96-channel context from the references (subject-to-video: no source
+    video, all-ones mask; references prepended in time in list order), text from `text.lookup`, the negative prompt
+    from `text.negative`, the same VACE context in both CFG branches; the n_ref leading latent slots are dropped
+    before decoding. `text` is a `PromptCache` (or anything with `lookup(prompts)` / `negative(batch)`)."""
+    from idgrpo.models.conditioning import vace_context
+
+    def build(rows):
+        context = vace_context(vae, [r.references for r in rows], config.num_frames, config.height, config.width)
+        prompts = text.lookup([r.prompt for r in rows])
+        return cfg_conditioning({"context": prompts, "vace_context": context.float()},
+                                {"context": text.negative(len(rows)), "vace_context": context.float()},
+                                config.guidance, drop_front=n_ref)
+
+    return build
+
+
+def phantom_conditioning_builder(vae, text, config: GRPOConfig):
+    """rows -> Conditioning for Phantom: clean reference latents appended in time and re-injected at every step,
+    three-pass guidance (text scale `config.guidance`, image scale `config.guidance_image`)."""
+    from idgrpo.models.conditioning import phantom_reference_latents
+
+    def build(rows):
+        ref_latents = phantom_reference_latents(vae, [r.references for r in rows], config.height, config.width)
+        return phantom_conditioning({"context": text.lookup([r.prompt for r in rows])},
+                                    {"context": text.negative(len(rows))}, ref_latents.float(),
+                                    guidance_image=config.guidance_image, guidance_text=config.guidance)
+
+    return build
 
 
 def _rows(config: GRPOConfig, path: str | None, *, needs_references: bool) -> list[PromptRow]:
@@ -105,7 +131,6 @@ def build_trainer(config: GRPOConfig) -> GRPOTrainer:
                            latent_shape=shape, train_rows=train_rows, eval_rows=eval_rows)
 
     # The 1.3B models: weights, VAE, prompt cache, references.
-    from idgrpo.models.conditioning import phantom_reference_latents, vace_context
     from idgrpo.models.prompt_cache import PromptCache
     from idgrpo.models.wan_vae import WanVAE
     from idgrpo.models.weights import load_wan_dit
@@ -128,22 +153,12 @@ def build_trainer(config: GRPOConfig) -> GRPOTrainer:
     shape = (16, lat_frames + n_ref, h, w)
 
     def decode(latents):
-        return frames_from_video(vae.decode(latents.to(vae.dtype)))
+        return vae.decode_frames(latents.to(vae.dtype))
 
     if config.model == "vace-1.3b":
-        def build(rows):
-            refs = [r.references for r in rows]
-            context = vace_context(vae, refs, config.num_frames, config.height, config.width)
-            text = cache.lookup([r.prompt for r in rows])
-            return cfg_conditioning({"context": text, "vace_context": context},
-                                    {"context": cache.negative(len(rows)), "vace_context": context},
-                                    config.guidance, drop_front=n_ref)
+        build = vace_conditioning_builder(vae, cache, config, n_ref)
     else:
-        def build(rows):
-            ref_latents = phantom_reference_latents(vae, [r.references for r in rows], config.height, config.width)
-            return phantom_conditioning({"context": cache.lookup([r.prompt for r in rows])},
-                                        {"context": cache.negative(len(rows))}, ref_latents.float(),
-                                        guidance_image=config.guidance_image, guidance_text=config.guidance)
+        build = phantom_conditioning_builder(vae, cache, config)
 
     return GRPOTrainer(config, policy, score=score, decode=decode, build_conditioning=build, latent_shape=shape,
                        train_rows=train_rows, eval_rows=eval_rows, lora=config.lora_rank > 0, compute_dtype=dtype)
