@@ -403,7 +403,7 @@ class WanDiT(nn.Module):
                              f"patch {self.config.patch_size}")
         x = conv(latents.to(conv.weight.dtype))  # (B, dim, F', H', W')
         grid = tuple(x.shape[2:])
-        return x.flatten(2).transpose(1, 2).float(), grid
+        return x.flatten(2).transpose(1, 2).float().contiguous(), grid
 
     def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """(B, L, pt*ph*pw*C) with the channel fastest (pitfall 6) -> (B, C, F, H, W)."""
