@@ -176,6 +176,14 @@ def _inference():
             "gathered_after": any(g.gathered for g in model.groups)}
 
 
+def _meta_then_load():
+    with torch.device("meta"):
+        model = TinyTransformer()
+    model = FSDP(model)
+    model.load_full_state_dict(TinyTransformer().state_dict())
+    return params_of(model)
+
+
 def _suite(rank, world_size):
     """Every configuration in one spawn per world size: process start-up dominates these tests."""
     init_distributed()
@@ -199,6 +207,7 @@ def _suite(rank, world_size):
                                                              "compute_dtype": torch.bfloat16}, {"forwards": 2}, True),
             "lora_ckpt": _fsdp_train(rank, world_size, {"activation_checkpointing": True}, {"forwards": 2}, True),
             "inference": _inference(),
+            "meta_loaded": _meta_then_load(),
         })
     return portable(out)
 
@@ -328,3 +337,12 @@ def test_inference_forwards_match_the_plain_model(two_ranks):
     for k in ("no_grad", "inference", "unused"):
         torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6)
     assert not got["gathered_after"]  # every unit's gathered weights were released
+
+
+def test_meta_device_model_loaded_after_wrapping(two_ranks):
+    want = params_of(TinyTransformer())
+    for r in range(2):
+        got = two_ranks[r]["meta_loaded"]
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), k

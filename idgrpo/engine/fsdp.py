@@ -83,7 +83,8 @@ class FlatGroup:
         with torch.no_grad():
             flat = torch.zeros(self.padded, dtype=master_dtype, device=device)
             for (_, p), off, n in zip(named, self.offsets, self.numels):
-                flat[off:off + n].copy_(p.detach().reshape(-1))
+                if not p.is_meta:  # meta: built without storage; filled later by load_full_state_dict
+                    flat[off:off + n].copy_(p.detach().reshape(-1))
             shard = flat[self.shard_offset:self.shard_offset + self.shard_numel].clone()
         del flat
         self.master = nn.Parameter(shard, requires_grad=trainable)
@@ -233,7 +234,8 @@ class FSDP(nn.Module):
     """Shard `module` over the default process group (see the module docstring).
 
     Args:
-        module: the model; its parameters must be identical on every rank.
+        module: the model; its parameters must be identical on every rank. Parameters may be on
+            the meta device (then call `load_full_state_dict` before use); buffers may not.
         units: the blocks to shard separately (default: every entry of the module's
             top-level ModuleLists). Everything else forms the root unit.
         compute_dtype: dtype of the gathered weights the forward computes with.
@@ -263,6 +265,10 @@ class FSDP(nn.Module):
                 if sub is not u and id(sub) in unit_ids:
                     raise ValueError(f"unit {module_names[id(u)]} contains unit {module_names[id(sub)]}; "
                                      "units must not nest")
+        meta_buffers = [n for n, b in module.named_buffers() if b.is_meta]
+        if meta_buffers:
+            raise ValueError(f"buffers {meta_buffers[:3]} are on the meta device: materialise buffers before "
+                             "wrapping (parameters may stay on meta and be loaded with load_full_state_dict)")
         if not dist.is_initialized():
             init_distributed()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
