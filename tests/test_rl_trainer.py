@@ -97,12 +97,19 @@ def test_reference_means_come_from_the_frozen_copy_during_rollout(tmp_path):
     assert (policy_mean - ref_mean).abs().max() > 1e-3
 
 
+def _nan_for_prompt_1(frames, refs, prompts):
+    r = brightness_score(frames)
+    return torch.where(torch.tensor([p == "prompt 1" for p in prompts]), torch.full_like(r, float("nan")), r)
+
+
 def _distributed_run(rank, world_size, run_dir):
-    trainer = make_trainer(run_dir, epochs=3, rollout_batch_size=2, train_batch_size=1, kl_beta=0.004,
-                           reference="lora", guidance=2.0, updates_per_epoch=1, inner_epochs=2)
+    # One row's rewards are NaN: its samples are dropped, so ranks keep different numbers of samples and the
+    # rank with fewer runs weight-0 padding micro-batches.
+    trainer = make_trainer(run_dir, score=_nan_for_prompt_1, epochs=3, rollout_batch_size=2, train_batch_size=1,
+                           kl_beta=0.004, reference="lora", guidance=2.0, updates_per_epoch=1, inner_epochs=2)
     history = trainer.train()
     state = {k: v.tolist() for k, v in trainable(trainer).items()}  # plain lists: tensors do not outlive the worker
-    return {"rewards": [h["reward_mean"] for h in history], "state": state,
+    return {"rewards": [h["reward_mean"] for h in history], "state": state, "dropped": [h["dropped"] for h in history],
             "ratio": [h["max_abs_ratio_minus_1_first_inner"] for h in history]}
 
 
@@ -115,6 +122,7 @@ def test_two_ranks_equal_one_rank(tmp_path):
             torch.testing.assert_close(torch.tensor(r["state"][k]), torch.tensor(v), rtol=1e-5, atol=1e-6)
     assert any(torch.tensor(v).abs().max() > 0 for k, v in one["state"].items() if "lora_up" in k)  # it learned
     assert max(one["ratio"]) < 1e-5
+    assert sum(one["dropped"]) > 0 and two[0]["dropped"] == one["dropped"]
 
 
 def test_tiny_run_raises_the_brightness_reward(tmp_path):
