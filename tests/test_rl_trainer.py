@@ -151,12 +151,15 @@ def test_zero_variance_groups_are_dropped_and_make_no_update(tmp_path):
 
 
 def test_nan_rewards_are_left_out_and_counted(tmp_path):
+    import threading
+
     def score(frames, refs, prompts):
+        assert threading.current_thread() is threading.main_thread()  # overlap_reward=False scores inline
         r = brightness_score(frames)
         bad = torch.tensor([p == "prompt 0" for p in prompts])
         return torch.where(bad, torch.full_like(r, float("nan")), r)
 
-    trainer = make_trainer(tmp_path, score=score, rows=2)  # both rows drawn: one group all NaN
+    trainer = make_trainer(tmp_path, score=score, rows=2, overlap_reward=False)  # both rows drawn: one group NaN
     record = trainer.train_epoch(0)
     assert record["nonfinite_rewards"] == 4 and record["dropped"] == 4 and record["trained_samples"] == 4
     assert math.isfinite(record["reward_mean"]) and math.isfinite(record["grad_norm"])

@@ -118,6 +118,9 @@ class GRPOConfig:
     """EMA decay of the trainable weights (0 disables the EMA)."""
     ema_every: int = 8
     """EMA update interval in optimizer steps."""
+    overlap_reward: bool = True
+    """Decode + score each rollout batch on a worker thread (own CUDA stream) while the next batch is sampled.
+    Turn off for a reward model that runs collectives (sharded), which must not interleave with the policy's."""
     max_reward_failures: int = 10
     """A reward call that raises gives NaN rewards for its batch (dropped, counted); this many failures abort."""
 

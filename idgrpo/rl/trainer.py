@@ -194,18 +194,26 @@ class EMA:
 class RewardWorker:
     """Runs decode + score on one background thread (with its own CUDA stream on GPU).
 
+    Note: the reward then runs concurrently with the policy's forwards. A reward model that issues collectives
+    (e.g. FSDP-sharded) would interleave them with the policy's in a rank-dependent order and hang: such a reward
+    needs `overlap=False` (config `overlap_reward`), which scores inline.
+
     A call that raises yields NaN rewards for its batch and is counted in `failures` (the traceback is printed the
     first time). Frames never leave the device.
     """
 
-    def __init__(self, score: ScoreFn, decode: DecodeFn, device: torch.device):
+    def __init__(self, score: ScoreFn, decode: DecodeFn, device: torch.device, *, overlap: bool = True):
         self.score, self.decode, self.device = score, decode, device
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") if overlap else None
+        self.stream = torch.cuda.Stream(device) if (device.type == "cuda" and overlap) else None
         self.failures = 0
         self._lock = threading.Lock()
 
     def submit(self, latents: torch.Tensor, references: list, prompts: list) -> Future:
+        if self.pool is None:  # no overlap: score now, on this thread and stream
+            future = Future()
+            future.set_result(self._run(latents, references, prompts, None))
+            return future
         ready = None
         if self.stream is not None:
             ready = torch.cuda.current_stream(self.device).record_event()
@@ -217,6 +225,9 @@ class RewardWorker:
         with torch.no_grad(), stream_ctx:
             if ready is not None:
                 self.stream.wait_event(ready)
+                # The main thread may drop its reference while this stream still reads the latents: tell the
+                # caching allocator not to reuse their memory before this stream's pending work is done.
+                latents.record_stream(self.stream)
             try:
                 frames = self.decode(latents)
                 rewards = self.score(frames, references, prompts)
@@ -237,11 +248,14 @@ class RewardWorker:
     def result(self, future: Future) -> torch.Tensor:
         rewards, done = future.result()
         if done is not None:
-            torch.cuda.current_stream(self.device).wait_event(done)
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(done)
+            rewards.record_stream(main)  # allocated on the reward stream, consumed (and freed) on the main one
         return rewards
 
     def close(self):
-        self.pool.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -315,7 +329,7 @@ class GRPOTrainer:
         self.skipped_updates = torch.zeros((), dtype=torch.long, device=self.device)
         self.epoch = 0
         self.history: list[dict] = []
-        self.rewards = RewardWorker(score, decode, self.device)
+        self.rewards = RewardWorker(score, decode, self.device, overlap=config.overlap_reward)
 
     # -- one epoch -----------------------------------------------------------------------------------------------------
 
