@@ -176,6 +176,27 @@ def _inference():
             "gathered_after": any(g.gathered for g in model.groups)}
 
 
+class InPlaceStack(TinyTransformer):
+    def forward(self, x):
+        h = self.embed(x)
+        for block in self.blocks:
+            out = block(h)
+            out.mul_(0.5)  # in place on a unit's output
+            h = out
+        return self.head(h)
+
+
+def _inplace_on_unit_outputs():
+    """Gradients when the caller modifies unit outputs in place, vs the plain module."""
+    plain = InPlaceStack()
+    model = FSDP(InPlaceStack())
+    x, y = batch(0)
+    F.mse_loss(plain(x), y).backward()
+    F.mse_loss(model(x), y).backward()
+    return {"plain": {k: p.grad for k, p in plain.named_parameters()},
+            "ours": {g.key: g.master.grad for g in model.groups}, "layout": {g.key: g.table() for g in model.groups}}
+
+
 def _meta_then_load():
     with torch.device("meta"):
         model = TinyTransformer()
@@ -208,6 +229,7 @@ def _suite(rank, world_size):
             "lora_ckpt": _fsdp_train(rank, world_size, {"activation_checkpointing": True}, {"forwards": 2}, True),
             "inference": _inference(),
             "meta_loaded": _meta_then_load(),
+            "inplace": _inplace_on_unit_outputs(),
         })
     return portable(out)
 
@@ -346,3 +368,14 @@ def test_meta_device_model_loaded_after_wrapping(two_ranks):
         assert got.keys() == want.keys()
         for k in want:
             assert torch.equal(got[k], want[k]), k
+
+
+def test_in_place_ops_on_unit_outputs_keep_gradients_right(two_ranks):
+    parts = [two_ranks[r]["inplace"] for r in range(2)]
+    plain = parts[0]["plain"]
+    for key, table in parts[0]["layout"].items():
+        flat = torch.cat([parts[0]["ours"][key], parts[1]["ours"][key]])
+        for row in table:
+            n = torch.Size(row["shape"]).numel()
+            got = flat[row["offset"]:row["offset"] + n].view(row["shape"])
+            torch.testing.assert_close(got, plain[row["name"]], rtol=1e-5, atol=1e-7)

@@ -35,8 +35,9 @@ scheme of PyTorch's own FSDP; the alternatives (swapping `param.data`, which mat
 gradient per parameter, or recomputing every unit in backward, which costs a third more
 compute) were rejected.
 
-Backward bookkeeping: an identity autograd Function on the unit's outputs fires before the
-unit's backward (re-gather, prefetch the previous unit); another on its inputs fires after
+Backward bookkeeping: a gradient hook on the unit's outputs fires before the unit's
+backward (re-gather, prefetch the previous unit); an identity autograd Function on its
+inputs fires after
 (that and the trainable leaves' hooks release the buffer). A callback queued on the
 autograd engine frees whatever is still gathered when backward ends.
 """
@@ -188,20 +189,6 @@ class _Instance:
 
     def __init__(self, unit: _Unit, pending: int):
         self.unit, self.pending, self.started = unit, pending, False
-
-
-class _PreBackward(torch.autograd.Function):
-    """Identity on a unit's outputs; its backward runs before the unit's backward."""
-
-    @staticmethod
-    def forward(ctx, fsdp, instance, *tensors):
-        ctx.fsdp, ctx.instance = fsdp, instance
-        return tensors
-
-    @staticmethod
-    def backward(ctx, *grads):
-        ctx.fsdp._pre_backward(ctx.instance)
-        return (None, None, *grads)
 
 
 class _PostBackward(torch.autograd.Function):
@@ -503,8 +490,19 @@ class FSDP(nn.Module):
             unit.instance = None
             if instance is None:
                 return output
-            output, _ = _wrap_tensors(_PreBackward, self, instance, output)
+            # Note: a tensor hook rather than an identity Function, so that callers may modify a
+            # unit's output in place (a hook stays with the node that produced the output).
+            hook = self._make_pre_backward_hook(instance)
+            for t in tree_flatten(output)[0]:
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.register_hook(hook)
             return output
+
+        return hook
+
+    def _make_pre_backward_hook(self, instance: _Instance):
+        def hook(grad: torch.Tensor) -> None:
+            self._pre_backward(instance)
 
         return hook
 
