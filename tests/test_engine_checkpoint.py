@@ -60,7 +60,9 @@ def _load_at(rank, world_size, directory):
     init_distributed()
     model, opt = make(replicate_trainable_below=10_000)  # a different grouping too: loads by name
     step, _ = Checkpointer(directory).load_latest(model, opt)
-    return portable({"step": step, "params": params_of(model)})
+    loaded = params_of(model)
+    steps(model, opt, step, 6, rank, world_size)  # optimizer state resharded too: continues the 2-rank run
+    return portable({"step": step, "params": loaded, "continued": params_of(model)})
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +72,15 @@ def saved(tmp_path_factory):
     return directory, results
 
 
-def test_save_two_ranks_load_one_rank_identical(saved):
+def test_save_two_ranks_load_one_rank_identical_and_training_continues(saved):
     directory, results = saved
     got = run(_load_at, 1, str(directory))[0]
     assert got["step"] == 3
     for k, v in results[0]["at_3"].items():
         assert torch.equal(got["params"][k], v), k
+    for k, v in results[0]["straight"].items():
+        err = (got["continued"][k] - v).norm() / v.norm()
+        assert err < 1e-6, f"{k}: 1-rank continuation differs from the 2-rank run by {err:.3g}"
     index = json.loads((directory / "step_00000003" / "index.json").read_text())
     assert index["world_size"] == 2 and index["config"] == {"what": "test"}
     assert sorted(index["files"]) == ["rank_00000.safetensors", "rank_00001.safetensors"]
