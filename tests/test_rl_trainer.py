@@ -44,8 +44,11 @@ def test_group_sampler_repeats_rows_and_splits_evenly():
         assign_epoch(5, 3, 4, epoch=0, seed=0, rank=0, world_size=5)
 
 
-def test_on_policy_ratio_is_one_when_rollout_and_train_micro_batches_differ(tmp_path):
-    # CFG on (batched branches), rollout batch 3 vs training micro-batch 2, KL against the adapters-off reference.
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_on_policy_ratio_is_one_when_rollout_and_train_micro_batches_differ(tmp_path, kernels, monkeypatch):
+    # CFG on (batched branches), rollout batch 3 vs training micro-batch 2, KL against the adapters-off reference;
+    # with the fused Triton step + loss (the interpreter on CPU) as well as the PyTorch references.
+    monkeypatch.setenv("IDGRPO_KERNELS", kernels)
     trainer = make_trainer(tmp_path, guidance=4.5, rollout_batch_size=3, train_batch_size=2, prompts_per_epoch=3,
                            group_size=3, kl_beta=0.004, reference="lora", epochs=1)
     record = trainer.train_epoch(0)
