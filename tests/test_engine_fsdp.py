@@ -165,15 +165,17 @@ def _grads_once(rank, world_size, kwargs):
 
 def _inference():
     """Outputs under no_grad / inference_mode / grad-enabled-but-unused forwards, and of the plain model."""
-    model = FSDP(TinyTransformer())
+    model = FSDP(TinyTransformer(), prefetch=True)
     x, _ = batch(0)
     with torch.no_grad():
         no_grad = model(x)
     with torch.inference_mode():
         inference = model(x)
     unused = model(x).detach()  # a graph that is never backpropagated
+    gathered_after_forwards = any(g.gathered for g in model.groups)
+    model(x).sum().backward()
     return {"no_grad": no_grad, "inference": inference.clone(), "unused": unused,
-            "gathered_after": any(g.gathered for g in model.groups)}
+            "gathered_after": gathered_after_forwards or any(g.gathered for g in model.groups)}
 
 
 class InPlaceStack(TinyTransformer):
@@ -218,6 +220,7 @@ def _suite(rank, world_size):
             "accum_plain": _fsdp_train(rank, world_size, {}, accum, False),
             "accum_ckpt": _fsdp_train(rank, world_size, {"activation_checkpointing": True}, accum, False),
             "grads_ac_on": _grads_once(rank, world_size, {"activation_checkpointing": True}),
+            "accum_prefetch": _fsdp_train(rank, world_size, {"prefetch": True}, accum, False),
             "grads_bf16": _grads_once(rank, world_size, {"compute_dtype": torch.bfloat16}),
             "bf16": _fsdp_train(rank, world_size, {"compute_dtype": torch.bfloat16}, {}, False),
             "lora_sharded": _fsdp_train(rank, world_size, {}, {}, True),
@@ -299,8 +302,10 @@ def test_several_forwards_and_accumulation_with_and_without_checkpointing(two_ra
     # two forwards before each backward; no_sync gradient accumulation over 2 micro-steps
     want, _ = reference(forwards=2, micro=2)
     plain, ckpt = two_ranks[0]["accum_plain"][0], two_ranks[0]["accum_ckpt"][0]
+    prefetch = two_ranks[0]["accum_prefetch"][0]  # gathers moved ahead of use (the CUDA schedule)
     for k in want:
         assert torch.equal(plain[k], ckpt[k]), k
+        assert torch.equal(plain[k], prefetch[k]), k
     assert_close_rel(plain, want, 1e-6)
 
 

@@ -230,12 +230,15 @@ class FSDP(nn.Module):
         activation_checkpointing: recompute each unit's activations in backward.
         replicate_trainable_below: a unit's trainable group with fewer elements than this
             stays replicated (all-reduced gradients) instead of sharded; 0 shards everything.
+        device: where shards and gathered weights live (default: the current CUDA device, else CPU).
+        prefetch: gather the next unit (forward) / previous unit (backward) ahead of use; default
+            on CUDA only (on CPU it just moves the gather earlier, which tests use).
     """
 
     def __init__(self, module: nn.Module, *, units: list[nn.Module] | None = None,
                  compute_dtype: torch.dtype = torch.float32, reduce_dtype: torch.dtype = torch.float32,
                  activation_checkpointing: bool = False, replicate_trainable_below: int = 0,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, prefetch: bool | None = None):
         super().__init__()
         if replicate_trainable_below < 0:
             raise ValueError(f"replicate_trainable_below must be >= 0, got {replicate_trainable_below}")
@@ -326,6 +329,7 @@ class FSDP(nn.Module):
         self._callback_queued = False
         self._pending_reduce: list = []
         cuda = self.device.type == "cuda"
+        self.prefetch = cuda if prefetch is None else prefetch
         self._gather_stream = torch.cuda.Stream(self.device) if cuda else None
         self._reduce_stream = torch.cuda.Stream(self.device) if cuda else None
         self._hooks = []
@@ -427,8 +431,12 @@ class FSDP(nn.Module):
             g.gather()
 
     def _prefetch(self, unit: _Unit | None) -> None:
-        """Start gathering `unit` on the side stream (CUDA only: on CPU there is nothing to overlap)."""
-        if unit is None or self._gather_stream is None or unit.gathered:
+        """Start gathering `unit` on the side stream (CUDA; on CPU there is nothing to overlap)."""
+        if unit is None or not self.prefetch or unit.gathered:
+            return
+        if self._gather_stream is None:  # CPU (tests of the bookkeeping): gather now
+            for g in unit.groups:
+                g.gather()
             return
         current = torch.cuda.current_stream(self.device)
         for g in unit.groups:  # allocate on the compute stream, which frees it later (no record_stream)
