@@ -148,6 +148,13 @@ def _configs(tile: str, options: list[tuple[int, int, int]]) -> list:
     )
 
 
+def _one_config_for_fp32(configs, named_args, **kwargs):
+    """fp32 is the accuracy path (tests, debugging), not the fast one: its IEEE-fp32 dots take
+    minutes to compile per config, so it is not autotuned."""
+    return configs[:1] if named_args["Q"].dtype == torch.float32 else configs
+
+
+_PRUNE = {"early_config_prune": _one_config_for_fp32}
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "VARLEN", "HAS_K_LENS", "TUNE_LEN_Q", "TUNE_LEN_K"]
 _ROW_TILE_OPTIONS = [(64, 4, 2), (128, 8, 2), (128, 8, 3), (128, 4, 3), (64, 4, 3)]
 
@@ -232,7 +239,7 @@ if _backend.triton_available():
             row_max = new_max
         return acc, row_sum, row_max
 
-    @triton.autotune(configs=_configs("BLOCK_M", _ROW_TILE_OPTIONS), key=_TUNE_KEY)
+    @triton.autotune(configs=_configs("BLOCK_M", _ROW_TILE_OPTIONS), key=_TUNE_KEY, prune_configs_by=_PRUNE)
     @triton.jit
     def _attention_fwd_kernel(
         Q, K, V, O, LSE, K_LENS, CU_Q, CU_K,
@@ -362,7 +369,7 @@ if _backend.triton_available():
             dk += tl.dot(dscores_t.to(q.dtype), q, input_precision=DOT_PRECISION)
         return dk, dv
 
-    @triton.autotune(configs=_configs("BLOCK_N", _ROW_TILE_OPTIONS), key=_TUNE_KEY)
+    @triton.autotune(configs=_configs("BLOCK_N", _ROW_TILE_OPTIONS), key=_TUNE_KEY, prune_configs_by=_PRUNE)
     @triton.jit
     def _attention_bwd_dkdv_kernel(
         Q, K, V, DO, DK, DV, LSE, DELTA, K_LENS, CU_Q, CU_K,
@@ -459,7 +466,7 @@ if _backend.triton_available():
             dq += tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
         return dq
 
-    @triton.autotune(configs=_configs("BLOCK_M", _ROW_TILE_OPTIONS), key=_TUNE_KEY)
+    @triton.autotune(configs=_configs("BLOCK_M", _ROW_TILE_OPTIONS), key=_TUNE_KEY, prune_configs_by=_PRUNE)
     @triton.jit
     def _attention_bwd_dq_kernel(
         Q, K, V, DO, DQ, LSE, DELTA, K_LENS, CU_Q, CU_K,
