@@ -37,7 +37,7 @@ def _run(model, wan_name, n_ref, tmp_path):
                                   guidance=3.0, guidance_image=2.0, prompts_per_epoch=2, group_size=2,
                                   rollout_batch_size=2, train_batch_size=1, kl_beta=0.004, reference="lora",
                                   lora_rank=4, lora_alpha=4.0, epochs=2, eval_every=0, resume=False,
-                                  run_dir=str(tmp_path))
+                                  run_dir=str(tmp_path), activation_checkpointing=model == "vace-1.3b")
     vae = WanVAE(WanVAEConfig.from_name("tiny")).eval().requires_grad_(False)
     wan = WanConfig.from_name(wan_name)
     policy = WanDiT(wan).init_weights()

@@ -143,6 +143,8 @@ class GRPOConfig:
     """Checkpoint every this many epochs (and at the end)."""
     resume: bool = True
     """Resume from the latest checkpoint in run_dir when there is one."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in backward (the engine's FSDP option)."""
     compute_dtype: str = "bfloat16"
     """Compute dtype of the policy on GPU ("bfloat16" or "float32"; CPU always float32)."""
     extra: dict[str, str] = field(default_factory=dict)

@@ -302,7 +302,8 @@ class GRPOTrainer:
             frozen = copy.deepcopy(policy.module if isinstance(policy, FSDP) else policy).requires_grad_(False)
             reference = FSDP(frozen, compute_dtype=cd)
         if not isinstance(policy, FSDP):
-            policy = FSDP(policy, compute_dtype=cd, replicate_trainable_below=(1 << 24) if lora else 0)
+            policy = FSDP(policy, compute_dtype=cd, replicate_trainable_below=(1 << 24) if lora else 0,
+                          activation_checkpointing=config.activation_checkpointing)
         self.policy = policy
         if reference is None and config.kl_beta > 0:
             reference = _adapters_disabled_policy(policy)
