@@ -176,6 +176,7 @@ class _Unit:
         self.name, self.module, self.groups, self.checkpointed = name, module, groups, checkpointed
         self.active_backward = 0  # forward instances whose backward is running now
         self.gather_event = None  # CUDA event of an in-flight prefetch
+        self.instance: _Instance | None = None  # the forward call in progress (between the two hooks)
 
     @property
     def gathered(self) -> bool:
@@ -297,13 +298,12 @@ class FSDP(nn.Module):
             self.groups.extend(groups)
             return unit
 
-        self._unit_of_module: dict[int, _Unit] = {}
         root_members = [(n, p) for n, p in all_named if id(p) not in owner]
         self._root = build_unit("", module, root_members, False)
         for u in ordered_units:
             name = module_names[id(u)]
             members = [(n, p) for n, p in all_named if owner.get(id(p)) == name]
-            self._unit_of_module[id(u)] = build_unit(name, u, members, activation_checkpointing)
+            build_unit(name, u, members, activation_checkpointing)
 
         # Replace every registered nn.Parameter by a placeholder; remember where it lived.
         index_of: dict[int, tuple[FlatGroup, int]] = {}
