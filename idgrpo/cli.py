@@ -19,6 +19,7 @@ import sys
 
 # name -> (target "module:function", one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("idgrpo.demo:demo", "The whole pipeline on a tiny synthetic world, on a CPU (start here)."),
     "env": ("idgrpo.env:env", "Versions, devices, optional accelerators and the kernel backend per op."),
     "encode-prompts": ("idgrpo.models.prompt_cache:encode_prompts", "Cache umT5 prompt embeddings."),
     "train-grpo": ("idgrpo.rl.recipe:train_grpo", "Identity-GRPO training (presets tiny, vace-1.3b, phantom-1.3b)."),

@@ -1,0 +1,650 @@
+"""`idgrpo demo`: the whole Identity-GRPO pipeline on a tiny synthetic multi-person world, on a CPU.
+
+Usage:
+    idgrpo demo                                    # one CPU process, ~10 minutes on 2 cores
+    idgrpo demo --quick                            # a minute or two: the CI smoke run
+    torchrun --nproc_per_node=2 -m idgrpo demo     # two gloo processes, the same result for the same seed
+    idgrpo demo --help                             # every knob
+
+Stages (tqdm progress per stage on rank 0), all written to --run-dir:
+1. world data (`idgrpo.synth`): seeded people walking across small frames, exact boxes, reference images;
+   identity preference pairs from synthetic distortions (`idgrpo.reward.distortions.make_pairs`).
+2. the compact identity reward model (`idgrpo.reward.model`) trained with the BTT loss; held-out pairwise accuracy
+   on non-tie pairs (source videos never seen in training).
+3. a tiny Wan2.1-architecture policy (`idgrpo.models.wan_dit`, VACE branch) pretrained by flow matching on world
+   videos, a share of them imperfect (identity swaps, drift, blends, clones), so that there is room to improve.
+4. GRPO (`idgrpo.rl.trainer.GRPOTrainer`: SDE rollouts, group advantages, clipped loss, KL to the LoRA-free policy)
+   on LoRA adapters, with the trained reward model as the reward.
+5. before/after on held-out scenes: learned reward and oracle identity consistency (`idgrpo.synth.oracle`, pixels
+   vs. references inside the known boxes); reward_curve.png, before/after GIFs, summary.json, a printed table.
+
+Note [trivial latent]: at 32x32 pixels no VAE is needed. The "latent" is the video in [-1, 1] folded by a
+pixel-unshuffle of `pixel_stride` (32x32x3 -> 8x8x48 at stride 4), one latent frame per video frame (no temporal
+compression); decoding is the exact inverse. The policy is the real Wan DiT code with its patch embedding over
+this latent; nothing else changes.
+
+Note [VACE-style conditioning]: as in Wan2.1-VACE, the noise latent has one extra frame per reference in front
+(dropped before decoding) and the VACE context stream carries, per latent frame, [reference latent | inactive
+video | layout]: in the reference slots the reference image's latent; in the video slots the background with every
+person's box blanked (VACE's inpainting input `video * (1 - mask)`) and, per person p (p-th reference), a layout map
+of its box (inside-box indicator and the pixel's normalised (x, y) inside the box), folded like the latent. The
+layout is the control signal (like VACE's pose/layout controls); it also gives the oracle its exact boxes. The
+text branch sees one constant context row: the world's prompts say nothing that references and layout do not.
+
+Note [distributed]: stages 1-3 are small and run replicated on every rank (identical inputs and seeds, so
+identical weights without any communication); stage 4 is the trainer's distributed GRPO (rollouts split across
+ranks, advantages from all-gathered rewards, FSDP gradient reduction), whose results do not depend on the world
+size; stage 5 evaluates on rank 0's copy (every rank holds the full policy after the final all-gather).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import torch.nn.functional as F
+import tyro
+
+QUICK = dict(
+    reward_videos=24, pairs_per_video=6, reward_epochs=2, policy_videos=24, pretrain_steps=12, grpo_epochs=2,
+    grpo_prompts=6, prompts_per_epoch=2, group_size=4, num_steps=4, sde_window_size=2, eval_prompts=4,
+    policy_dim=32, reward_dim=32,
+)
+"""The --quick sizes: every stage runs, none learns much (the CI smoke test of the pipeline)."""
+
+
+@dataclass
+class DemoConfig:
+    """The `idgrpo demo` knobs. The defaults are the full demo; --quick swaps in the sizes of `QUICK`."""
+
+    run_dir: Path = Path("runs/demo")
+    """Output folder: summary.json, reward_curve.png, before/after GIFs, reward model, GRPO run (grpo/)."""
+    quick: bool = False
+    """Tiny sizes for a smoke run (CI): every stage and output, no meaningful learning."""
+    seed: int = 0
+    """Seed of the world, of every initialisation, shuffle and sampling noise."""
+    threads: int = 0
+    """torch CPU threads per process (0: the machine's cores divided by the number of processes)."""
+
+    # --- the world -------------------------------------------------------------------------------------------------
+    frame_size: int = 32
+    """Frame side in pixels (a multiple of 16 and of 2 * pixel_stride)."""
+    num_frames: int = 9
+    """Frames per video (4k + 1, as the Wan sampler expects)."""
+    num_people: int = 2
+    """People per video (2 or 3)."""
+    population: int = 48
+    """Distinct identities of the world."""
+
+    # --- stage 1-2: preference pairs and the reward model ----------------------------------------------------------
+    reward_videos: int = 160
+    """World videos distorted into preference pairs (15% of them, with all their pairs, are held out)."""
+    pairs_per_video: int = 10
+    """Pairs per source video (identity-breaking, box-free and label-preserving distortions)."""
+    reward_frames: int = 5
+    """Frames the reward model samples per video."""
+    reward_patch: int = 8
+    """Reward-model ViT patch side (8: 16 tokens per 32x32 frame)."""
+    reward_dim: int = 64
+    """Reward-model token width."""
+    reward_depth: int = 2
+    """Reward-model image-encoder blocks."""
+    reward_epochs: int = 12
+    """Passes over the training pairs."""
+    reward_batch: int = 32
+    """Pairs per optimizer step."""
+    reward_lr: float = 2e-3
+    """Peak AdamW learning rate of the reward model (cosine decay)."""
+    ties_k: float = 5.0
+    """Rao-Kupper k of the BTT loss."""
+
+    # --- stage 3: policy pretraining --------------------------------------------------------------------------------
+    policy_videos: int = 256
+    """World videos the policy is pretrained on."""
+    imperfect_fraction: float = 0.5
+    """Share of pretraining targets that are identity-distorted (swap, drift, blend, clone) versions."""
+    pixel_stride: int = 4
+    """Pixel-unshuffle factor of the trivial latent (channels 3 * stride^2)."""
+    policy_dim: int = 64
+    """Width of the tiny Wan DiT (2 heads)."""
+    policy_layers: int = 4
+    """Main blocks of the tiny Wan DiT; VACE blocks after layers 0, 1, 3 (the `tiny-vace` preset's layout)."""
+    pretrain_steps: int = 600
+    """Flow-matching optimizer steps."""
+    pretrain_batch: int = 16
+    """Videos per pretraining step."""
+    pretrain_lr: float = 1e-3
+    """Peak AdamW learning rate of pretraining (cosine decay)."""
+    shift: float = 3.0
+    """Flow shift of the sampling grid and of the pretraining σ distribution."""
+
+    # --- stage 4: GRPO ----------------------------------------------------------------------------------------------
+    grpo_prompts: int = 64
+    """Training prompt rows (world scenes: references + layout) for GRPO."""
+    grpo_epochs: int = 24
+    """GRPO epochs (rollout + update rounds)."""
+    prompts_per_epoch: int = 4
+    """Prompt rows per epoch (global)."""
+    group_size: int = 8
+    """Videos per prompt row (one advantage group)."""
+    num_steps: int = 8
+    """Sampling steps of rollouts and evaluation."""
+    sde_window_size: int = 4
+    """Stochastic (and trained) steps at the start of a rollout; the rest are Euler steps (Flow-GRPO-Fast style)."""
+    lora_rank: int = 16
+    """LoRA rank on the attention projections."""
+    grpo_lr: float = 3e-3
+    """AdamW learning rate of the LoRA adapters."""
+    clip_range: float = 0.2
+    """PPO ratio clip (large: few, big steps on a tiny model)."""
+    kl_beta: float = 0.01
+    """KL weight to the LoRA-free (pretrained) policy."""
+
+    # --- stage 5: evaluation ----------------------------------------------------------------------------------------
+    eval_prompts: int = 16
+    """Held-out scenes (new people combinations, paths, backgrounds) evaluated before and after GRPO."""
+    gif_videos: int = 4
+    """Held-out videos written as before/after GIFs."""
+
+    def __post_init__(self):
+        self.run_dir = Path(self.run_dir)
+        if self.quick:
+            for name, value in QUICK.items():
+                setattr(self, name, value)
+        if self.frame_size % 16 or self.frame_size % (2 * self.pixel_stride) or self.frame_size < 32:
+            raise ValueError(f"frame_size {self.frame_size} must be >= 32 and a multiple of 16 and of 2*pixel_stride")
+        if (self.num_frames - 1) % 4 or self.num_frames < 5:
+            raise ValueError(f"num_frames must be 4k + 1 (>= 5), got {self.num_frames}")
+        if self.num_people not in (2, 3):
+            raise ValueError(f"num_people must be 2 or 3, got {self.num_people}")
+        if self.reward_videos < 8:
+            raise ValueError("reward_videos must be >= 8 (15% are held out)")
+        if not 0.0 <= self.imperfect_fraction < 1.0:
+            raise ValueError("imperfect_fraction must be in [0, 1)")
+        if not 0 < self.sde_window_size <= self.num_steps:
+            raise ValueError("sde_window_size must be in [1, num_steps]")
+        if self.policy_dim % 2 or self.policy_dim // 2 < 6:
+            raise ValueError("policy_dim must be even and >= 12 (2 heads of head_dim >= 6)")
+        if self.reward_dim % 4 or self.frame_size % self.reward_patch:
+            raise ValueError("reward_dim must be a multiple of 4 and frame_size a multiple of reward_patch")
+        for name in ("reward_epochs", "reward_batch", "pretrain_steps", "pretrain_batch", "grpo_epochs",
+                     "prompts_per_epoch", "group_size", "num_steps", "eval_prompts", "policy_videos",
+                     "grpo_prompts", "pairs_per_video", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError("group_size must be >= 2 (advantages are relative within a group)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The trivial latent and the VACE-style context
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def encode_frames(frames: torch.Tensor, stride: int) -> torch.Tensor:
+    """uint8 (B, T, H, W, 3) -> latent (B, 3 * stride^2, T, H / stride, W / stride) fp32 in [-1, 1]."""
+    b, t = frames.shape[:2]
+    x = frames.permute(0, 1, 4, 2, 3).float().flatten(0, 1) / 127.5 - 1.0  # (B*T, 3, H, W)
+    x = F.pixel_unshuffle(x, stride)  # (B*T, C, h, w)
+    return x.unflatten(0, (b, t)).transpose(1, 2).contiguous()
+
+
+def decode_latents(latents: torch.Tensor, stride: int) -> torch.Tensor:
+    """latent (B, C, T, h, w) -> uint8 frames (B, T, H, W, 3) (the exact inverse of `encode_frames`)."""
+    b, _, t = latents.shape[:3]
+    x = F.pixel_shuffle(latents.transpose(1, 2).flatten(0, 1).float(), stride)  # (B*T, 3, H, W)
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.unflatten(0, (b, t)).permute(0, 1, 3, 4, 2).contiguous()
+
+
+def layout_maps(boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """boxes (P, T, 4) -> (T, 3P, size, size) fp32: per person, inside-box indicator and normalised x, y in [-1, 1]
+    inside the box (0 outside)."""
+    num_people, num_frames, _ = boxes.shape
+    coords = torch.arange(size, dtype=torch.float32) + 0.5
+    maps = torch.zeros(num_frames, 3 * num_people, size, size)
+    for p in range(num_people):
+        x0, y0, x1, y1 = (boxes[p, :, i].float().view(-1, 1) for i in range(4))  # (T, 1)
+        inside_x = (coords >= x0) & (coords < x1)  # (T, size)
+        inside_y = (coords >= y0) & (coords < y1)
+        u = torch.where(inside_x, 2 * (coords - x0) / (x1 - x0).clamp_min(1) - 1, 0.0)  # (T, size)
+        v = torch.where(inside_y, 2 * (coords - y0) / (y1 - y0).clamp_min(1) - 1, 0.0)
+        inside = inside_y[:, :, None] & inside_x[:, None, :]  # (T, size, size)
+        maps[:, 3 * p] = inside.float()
+        maps[:, 3 * p + 1] = torch.where(inside, u[:, None, :].expand_as(inside), 0.0)
+        maps[:, 3 * p + 2] = torch.where(inside, v[:, :, None].expand_as(inside), 0.0)
+    return maps
+
+
+def vace_context_of(frames: torch.Tensor, boxes: torch.Tensor, references: list[torch.Tensor],
+                    stride: int) -> torch.Tensor:
+    """The VACE context of one scene: (C_vace, n_ref + T, h, w) with C_vace = 3s^2 (reference or inactive video)
+    + 3P·s^2 (layout). frames uint8 (T, H, W, 3) are only used outside every box (the background)."""
+    size = frames.shape[1]
+    maps = layout_maps(boxes, size)  # (T, 3P, H, W)
+    in_any_box = maps[:, 0::3].amax(1, keepdim=True) > 0  # (T, 1, H, W)
+    video = frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (T, 3, H, W)
+    inactive = torch.where(in_any_box, 0.0, video)  # VACE's video * (1 - mask)
+    video_slots = torch.cat([F.pixel_unshuffle(inactive, stride), F.pixel_unshuffle(maps, stride)], 1)
+    refs = encode_frames(torch.stack(references)[:, None], stride)[:, :, 0]  # (n_ref, C, h, w)
+    ref_slots = torch.cat([refs, refs.new_zeros(len(references), video_slots.shape[1] - refs.shape[1],
+                                                *refs.shape[2:])], 1)
+    return torch.cat([ref_slots, video_slots]).transpose(0, 1).contiguous()  # (C_vace, n_ref + T, h, w)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 1: world data
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+IMPERFECT_KINDS = ("swap", "drift", "blend", "clone")
+PAIR_KINDS = ("swap", "drift", "blend", "clone", "remove", "mismatch", "shuffle", "flicker", "photometric", "crop")
+
+
+def imperfect_version(scene, rng: random.Random) -> torch.Tensor:
+    """An identity-distorted copy of a scene's video (what a not-yet-aligned generator gets wrong)."""
+    from idgrpo.reward import distortions as d
+
+    frames, boxes = scene.frames, scene.boxes
+    people, num_frames = boxes.shape[0], frames.shape[0]
+    kind = rng.choice(IMPERFECT_KINDS)
+    a, b = rng.sample(range(people), 2)
+    if kind == "swap":
+        return d.swap_people(frames, boxes, a, b, rng.randint(1, num_frames - 2))
+    if kind == "drift":
+        return d.drift_person(frames, boxes, a, rng.uniform(0.6, 1.0))
+    if kind == "blend":
+        return d.blend_person(frames, boxes, a, b, rng.uniform(0.5, 0.9))
+    return d.clone_person(frames, boxes, a, b)
+
+
+@dataclass
+class DemoRow:
+    """A prompt row of the GRPO trainer (`prompt`, `references`) plus what the demo knows about its scene."""
+
+    prompt: str
+    references: list[torch.Tensor]
+    boxes: torch.Tensor  # (P, T, 4)
+    vace_context: torch.Tensor  # (C_vace, n_ref + T, h, w)
+    frames: torch.Tensor  # (T, H, W, 3) uint8, the clean world video
+    ref_paths: list[str] = dataclasses.field(default_factory=list)
+
+
+def scene_row(scene, stride: int) -> DemoRow:
+    return DemoRow(scene.prompt, scene.references, scene.boxes,
+                   vace_context_of(scene.frames, scene.boxes, scene.references, stride), scene.frames)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 2: the reward model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def pair_tensors(pairs, video_store, ref_store, num_frames: int):
+    """In-memory `idgrpo.reward.data.PairTensors` of synthetic pairs (no files: the demo's pairs never leave RAM)."""
+    from idgrpo.media import uniform_indices
+    from idgrpo.reward.data import LABELS, PairTensors
+
+    def clip(name):
+        video = video_store[name]
+        return video[uniform_indices(video.shape[0], num_frames)]
+
+    return PairTensors(
+        frames_a=torch.stack([clip(p.video_a) for p in pairs]),
+        frames_b=torch.stack([clip(p.video_b) for p in pairs]),
+        refs_a=torch.stack([torch.stack([ref_store[r] for r in p.refs_a]) for p in pairs]),
+        refs_b=torch.stack([torch.stack([ref_store[r] for r in p.refs_b]) for p in pairs]),
+        ref_mask=torch.ones(len(pairs), len(pairs[0].refs_a), dtype=torch.bool),
+        labels=torch.tensor([LABELS[p.label.lower()] for p in pairs], dtype=torch.int64),
+        kinds=[p.kind for p in pairs], prompts=[p.prompt for p in pairs])
+
+
+def train_reward_model(cfg: DemoConfig, train, held_out, bar):
+    """BTT training of the compact reward model on in-memory pairs; returns (model, held-out metrics)."""
+    from idgrpo.reward.losses import btt_loss
+    from idgrpo.reward.model import IdentityRewardModel, RewardModelConfig
+    from idgrpo.reward.train import TrainRewardConfig, evaluate
+
+    torch.manual_seed(cfg.seed)
+    model_cfg = RewardModelConfig(image_size=cfg.frame_size, patch_size=cfg.reward_patch, dim=cfg.reward_dim,
+                                  depth=cfg.reward_depth, heads=4, max_frames=max(32, cfg.reward_frames))
+    model = IdentityRewardModel(model_cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.reward_lr, weight_decay=0.01)
+    steps_per_epoch = math.ceil(len(train) / cfg.reward_batch)
+    total = steps_per_epoch * cfg.reward_epochs
+    generator = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    for _ in range(cfg.reward_epochs):
+        order = torch.randperm(len(train), generator=generator)
+        flips = torch.rand(len(train), generator=generator) < 0.5
+        for i in range(steps_per_epoch):
+            index = order[i * cfg.reward_batch:(i + 1) * cfg.reward_batch]
+            flip = torch.cat([flips[index], flips[index]]).view(-1, 1, 1, 1, 1)
+            frames = torch.cat([train.frames_a[index], train.frames_b[index]])
+            refs = torch.cat([train.refs_a[index], train.refs_b[index]])
+            # The same mirror for both videos of a pair and their references (identity-preserving).
+            frames = torch.where(flip, frames.flip(-2), frames)
+            refs = torch.where(flip, refs.flip(-2), refs)
+            lr_scale = min(1.0, (step + 1) / max(1, total // 20)) * (0.05 + 0.95 * 0.5 * (1 + math.cos(
+                math.pi * step / total)))
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.reward_lr * lr_scale
+            reward = model(frames, refs)["reward"]
+            loss = btt_loss(reward[:len(index)], reward[len(index):], train.labels[index], k=cfg.ties_k)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            bar.update(1)
+    metrics = evaluate(model, held_out, TrainRewardConfig(ties_k=cfg.ties_k, num_frames=cfg.reward_frames),
+                       torch.device("cpu"))
+    return model.eval().requires_grad_(False), metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 3: policy pretraining
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_policy(cfg: DemoConfig):
+    """The tiny Wan DiT with the VACE branch, sized for the trivial latent."""
+    from idgrpo.models.wan_dit import WanConfig, WanDiT
+
+    channels = 3 * cfg.pixel_stride**2
+    wan = WanConfig.from_name("tiny-vace", dim=cfg.policy_dim, ffn_dim=2 * cfg.policy_dim, num_heads=2,
+                              num_layers=cfg.policy_layers, vace_layers=tuple(sorted({0, 1, cfg.policy_layers - 1})),
+                              in_dim=channels, out_dim=channels, vace_in_dim=channels * (1 + cfg.num_people),
+                              text_dim=32, text_len=1)
+    torch.manual_seed(cfg.seed + 1)
+    return WanDiT(wan).init_weights()
+
+
+def constant_context(batch: int, text_dim: int = 32) -> torch.Tensor:
+    """The text branch's input: one constant row (see the module note on conditioning)."""
+    return torch.full((batch, 1, text_dim), 0.1)
+
+
+def pretrain_policy(cfg: DemoConfig, policy, rows: list[DemoRow], targets: list[list[torch.Tensor]], bar) -> list:
+    """Flow matching on [reference latents | video latents]: x_σ = (1-σ) x0 + σ ε, velocity target ε - x0, σ drawn
+    uniformly and shifted like the sampling grid. targets[i]: candidate videos of row i (clean and imperfect)."""
+    stride = cfg.pixel_stride
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(cfg.seed + 2)
+    rng = random.Random(cfg.seed + 3)
+    refs = [encode_frames(torch.stack(r.references)[:, None], stride)[:, :, 0].transpose(0, 1) for r in rows]
+    losses = []
+    for step in range(cfg.pretrain_steps):
+        index = [rng.randrange(len(rows)) for _ in range(cfg.pretrain_batch)]
+        videos = torch.stack([rng.choice(targets[i]) for i in index])  # (B, T, H, W, 3)
+        x0 = torch.cat([torch.stack([refs[i] for i in index]), encode_frames(videos, stride)], 2)  # (B, C, n+T, h, w)
+        vace = torch.stack([rows[i].vace_context for i in index])
+        u = torch.rand(len(index), generator=generator)
+        sigma = cfg.shift * u / (1 + (cfg.shift - 1) * u)  # (B,)
+        noise = torch.randn(x0.shape, generator=generator)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        lr_scale = min(1.0, (step + 1) / 20) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / cfg.pretrain_steps)))
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.pretrain_lr * lr_scale
+        velocity = policy(xt, sigma * 1000, constant_context(len(index)), vace_context=vace)
+        loss = (velocity - (noise - x0)).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.detach())
+        bar.update(1)
+    return [float(v) for v in torch.stack(losses)] if losses else []
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 4-5: GRPO and evaluation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def conditioning_builder(cfg: DemoConfig, device):
+    from idgrpo.rl.sampler import cfg_conditioning
+
+    def build(rows):
+        kwargs = {"context": constant_context(len(rows)).to(device),
+                  "vace_context": torch.stack([r.vace_context for r in rows]).to(device)}
+        return cfg_conditioning(kwargs, None, 1.0, drop_front=cfg.num_people)
+
+    return build
+
+
+@torch.no_grad()
+def evaluate_policy(cfg: DemoConfig, policy, rows: list[DemoRow], score, device) -> dict:
+    """Deterministic (Euler ODE, fixed noise per row) samples of held-out rows: learned reward and oracle
+    identity consistency, per video and their means; the frames for the GIFs."""
+    from idgrpo.rl.sampler import sample
+    from idgrpo.rl.schedules import flow_schedule
+    from idgrpo.synth import oracle_consistency
+
+    build = conditioning_builder(cfg, device)
+    schedule = flow_schedule(cfg.num_steps, cfg.shift, "diffusers")
+    latent_shape = latent_shape_of(cfg)
+    rewards, oracle, videos = [], [], []
+    for start in range(0, len(rows), 8):
+        batch = rows[start:start + 8]
+        cond = build(batch)
+        seeds = [cfg.seed * 1_000_003 + 777_777 + start + i for i in range(len(batch))]
+        roll = sample(policy, cond, schedule, seeds, latent_shape, solver="euler", device=device)
+        frames = decode_latents(cond.video_latents(roll.final), cfg.pixel_stride)  # (B, T, H, W, 3)
+        rewards += score(frames, [r.references for r in batch], [r.prompt for r in batch]).float().cpu().tolist()
+        oracle += [oracle_consistency(f, r.boxes, r.references).video for f, r in zip(frames.cpu(), batch)]
+        videos += list(frames.cpu())
+    return {"reward": rewards, "oracle": oracle, "reward_mean": sum(rewards) / len(rewards),
+            "oracle_mean": sum(oracle) / len(oracle), "videos": videos}
+
+
+def latent_shape_of(cfg: DemoConfig) -> tuple[int, int, int, int]:
+    side = cfg.frame_size // cfg.pixel_stride
+    return (3 * cfg.pixel_stride**2, cfg.num_people + cfg.num_frames, side, side)
+
+
+def grpo_config(cfg: DemoConfig):
+    from idgrpo.rl.config import GRPOConfig
+
+    return GRPOConfig(
+        model="tiny", height=cfg.frame_size, width=cfg.frame_size, num_frames=cfg.num_frames,
+        num_steps=cfg.num_steps, shift=cfg.shift, grid="diffusers", guidance=1.0, group_size=cfg.group_size,
+        prompts_per_epoch=cfg.prompts_per_epoch, rollout_batch_size=cfg.group_size, train_batch_size=cfg.group_size,
+        sde_window_size=cfg.sde_window_size, timestep_fraction=1.0, lr=cfg.grpo_lr, clip_range=cfg.clip_range,
+        adv_clip=5.0, kl_beta=cfg.kl_beta, lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), ema_decay=0.0,
+        epochs=cfg.grpo_epochs, eval_every=0, eval_steps=cfg.num_steps, eval_solver="euler",
+        save_every=cfg.grpo_epochs, resume=False, compute_dtype="float32", seed=cfg.seed, reward="",
+        run_dir=str(cfg.run_dir / "grpo"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _gif_strip(before: torch.Tensor, after: torch.Tensor, reference_row: torch.Tensor) -> torch.Tensor:
+    """Side by side: references | before | after, each (T, H, W, 3), upscaled 4x for viewing."""
+    refs = reference_row[None].expand(before.shape[0], -1, -1, -1)
+    strip = torch.cat([refs, before, after], 2)  # (T, H, W_total, 3)
+    return strip.repeat_interleave(4, 1).repeat_interleave(4, 2)
+
+
+def demo(config: Annotated[DemoConfig, tyro.conf.arg(name="")]) -> int:
+    """The whole Identity-GRPO pipeline on a tiny synthetic world (see `idgrpo.demo`)."""
+    from idgrpo.engine import init_distributed
+    from idgrpo.engine.metrics import progress
+    from idgrpo.models.lora import apply_lora, mark_only_lora_trainable
+    from idgrpo.reward.distortions import SourceVideo, make_pairs
+    from idgrpo.rl.trainer import GRPOTrainer, write_curve_png
+    from idgrpo.synth import World, WorldConfig
+
+    cfg = config
+    started = time.monotonic()
+    info = init_distributed(timeout_s=3600.0)
+    rank, world_size, device = info.rank, info.world_size, info.device
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // world_size)
+    torch.set_num_threads(threads)
+    log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
+    run_dir = Path(cfg.run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    timings = {}
+
+    # -- 1. the world's data -----------------------------------------------------------------------------------------
+    t0 = time.monotonic()
+    world = World(WorldConfig(frame_size=cfg.frame_size, num_frames=cfg.num_frames, num_people=cfg.num_people,
+                              population=cfg.population, seed=cfg.seed))
+    n_pair, n_policy, n_grpo, n_eval = cfg.reward_videos, cfg.policy_videos, cfg.grpo_prompts, cfg.eval_prompts
+    total = n_pair + n_policy + n_grpo + n_eval
+    bar = progress(total=total + n_policy, desc="1/5 world data", rank=rank, leave=True)
+    scenes = []
+    for i in range(total):
+        scenes.append(world.scene(i))
+        bar.update(1)
+    pair_scenes = scenes[:n_pair]
+    policy_scenes = scenes[n_pair:n_pair + n_policy]
+    grpo_scenes = scenes[n_pair + n_policy:n_pair + n_policy + n_grpo]
+    eval_scenes = scenes[n_pair + n_policy + n_grpo:]
+    rng = random.Random(cfg.seed)
+    policy_targets = []
+    for s in policy_scenes:
+        imperfect = imperfect_version(s, rng)
+        # imperfect_fraction of the draws land on the distorted copy.
+        weight = round(cfg.imperfect_fraction * 10)
+        policy_targets.append([s.frames] * (10 - weight) + [imperfect] * weight)
+        bar.update(1)
+    bar.close()
+    sources = [SourceVideo(f"s{i:05d}", s.frames, s.references, s.prompt, s.boxes) for i, s in enumerate(pair_scenes)]
+    n_held = max(2, round(0.15 * n_pair))
+    train_pairs, store_train, refs_train = make_pairs(sources[:-n_held], kinds=PAIR_KINDS,
+                                                      pairs_per_video=cfg.pairs_per_video, seed=cfg.seed)
+    held_pairs, store_held, refs_held = make_pairs(sources[-n_held:], kinds=PAIR_KINDS,
+                                                   pairs_per_video=cfg.pairs_per_video, seed=cfg.seed + 1)
+    train_set = pair_tensors(train_pairs, store_train, refs_train, cfg.reward_frames)
+    held_set = pair_tensors(held_pairs, store_held, refs_held, cfg.reward_frames)
+    policy_rows = [scene_row(s, cfg.pixel_stride) for s in policy_scenes]
+    grpo_rows = [scene_row(s, cfg.pixel_stride) for s in grpo_scenes]
+    eval_rows = [scene_row(s, cfg.pixel_stride) for s in eval_scenes]
+    timings["data_s"] = time.monotonic() - t0
+    log(f"demo: {len(train_set)} training / {len(held_set)} held-out preference pairs, {n_policy} pretraining "
+        f"videos ({cfg.imperfect_fraction:.0%} imperfect), {n_grpo} GRPO rows, {n_eval} held-out eval rows")
+
+    # -- 2. the reward model -----------------------------------------------------------------------------------------
+    t0 = time.monotonic()
+    steps = math.ceil(len(train_set) / cfg.reward_batch) * cfg.reward_epochs
+    bar = progress(total=steps, desc="2/5 reward model (BTT)", rank=rank, leave=True)
+    reward_model, reward_metrics = train_reward_model(cfg, train_set, held_set, bar)
+    bar.close()
+    if rank == 0:
+        reward_model.save(run_dir / "reward_model")
+    timings["reward_s"] = time.monotonic() - t0
+    log(f"demo: reward model held-out accuracy {reward_metrics['val_acc_non_tie']:.3f} on "
+        f"{reward_metrics['val_non_tie_pairs']} non-tie pairs "
+        f"(3-way with ties {reward_metrics['val_acc_with_ties']:.3f})")
+
+    # -- 3. policy pretraining ---------------------------------------------------------------------------------------
+    t0 = time.monotonic()
+    policy = build_policy(cfg)
+    bar = progress(total=cfg.pretrain_steps, desc="3/5 policy pretraining (flow matching)", rank=rank, leave=True)
+    pretrain_losses = pretrain_policy(cfg, policy, policy_rows, policy_targets, bar)
+    bar.close()
+    policy.requires_grad_(False)
+    timings["pretrain_s"] = time.monotonic() - t0
+
+    def score(frames, references, prompts):
+        return reward_model.score(frames, references, prompts, num_frames=cfg.reward_frames)
+
+    # -- 4. GRPO -----------------------------------------------------------------------------------------------------
+    t0 = time.monotonic()
+    before = evaluate_policy(cfg, policy, eval_rows, score, device)
+    apply_lora(policy, cfg.lora_rank, float(cfg.lora_rank))
+    mark_only_lora_trainable(policy)
+    grpo = grpo_config(cfg)
+    trainer = GRPOTrainer(grpo, policy, score=score, decode=lambda z: decode_latents(z, cfg.pixel_stride),
+                          build_conditioning=conditioning_builder(cfg, device), latent_shape=latent_shape_of(cfg),
+                          train_rows=grpo_rows, lora=True, run_dir=run_dir / "grpo",
+                          log=lambda msg: None)
+    bar = progress(total=cfg.grpo_epochs, desc="4/5 GRPO", rank=rank, leave=True)
+    history = []
+    for epoch in range(cfg.grpo_epochs):
+        record = trainer.train_epoch(epoch)
+        trainer.history.append(record)
+        trainer.epoch = epoch + 1
+        history.append(record)
+        bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
+        bar.update(1)
+    bar.close()
+    trainer.rewards.close()
+    trainer.save()  # a collective: checkpoint, LoRA in the PEFT format (grpo/lora), the trainer's own curve
+    timings["grpo_s"] = time.monotonic() - t0
+
+    # -- 5. before / after -------------------------------------------------------------------------------------------
+    t0 = time.monotonic()
+    bar = progress(total=1, desc="5/5 evaluation", rank=rank, leave=True)
+    after = evaluate_policy(cfg, trainer.policy, eval_rows, score, device)
+    bar.update(1)
+    bar.close()
+    timings["eval_s"] = time.monotonic() - t0
+    timings["total_s"] = time.monotonic() - started
+
+    def relative(a, b):
+        return (b - a) / abs(a) if abs(a) > 1e-12 else float("nan")
+
+    summary = {
+        "world": {"frame_size": cfg.frame_size, "num_frames": cfg.num_frames, "num_people": cfg.num_people,
+                  "population": cfg.population, "seed": cfg.seed},
+        "world_size": world_size, "threads_per_process": threads, "quick": cfg.quick,
+        "reward_model": {"train_pairs": len(train_set), **reward_metrics},
+        "pretrain": {"steps": cfg.pretrain_steps, "first_loss": pretrain_losses[0] if pretrain_losses else None,
+                     "last_loss": sum(pretrain_losses[-20:]) / max(1, len(pretrain_losses[-20:]))},
+        "grpo": {"epochs": cfg.grpo_epochs, "train_reward": [h["reward_mean"] for h in history],
+                 "history": history},
+        "before": {k: v for k, v in before.items() if k != "videos"},
+        "after": {k: v for k, v in after.items() if k != "videos"},
+        "reward_change_relative": relative(before["reward_mean"], after["reward_mean"]),
+        "oracle_change_relative": relative(before["oracle_mean"], after["oracle_mean"]),
+        "timings_s": timings,
+        "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+    }
+    if rank == 0:
+        from idgrpo.media import write_video
+
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        curve = [{"epoch": h["epoch"], "reward_mean": h["reward_mean"]} for h in history]
+        write_curve_png(run_dir / "reward_curve.png", curve)
+        for i in range(min(cfg.gif_videos, len(eval_rows))):
+            refs = torch.cat(eval_rows[i].references, 1)  # (S, P*S, 3)
+            write_video(run_dir / f"sample{i}_before.gif", before["videos"][i], fps=4)
+            write_video(run_dir / f"sample{i}_after.gif", after["videos"][i], fps=4)
+            write_video(run_dir / f"sample{i}_refs_before_after.gif",
+                        _gif_strip(before["videos"][i], after["videos"][i], refs), fps=4)
+        print(table(summary), flush=True)
+    return 0
+
+
+def table(summary: dict) -> str:
+    """The printed result table."""
+    rm = summary["reward_model"]
+    b, a = summary["before"], summary["after"]
+    lines = [
+        f"idgrpo demo ({'quick' if summary['quick'] else 'full'}, {summary['world_size']} process(es), "
+        f"{summary['timings_s']['total_s'] / 60:.1f} min)",
+        f"reward model held-out accuracy (non-tie pairs): {rm['val_acc_non_tie']:.3f} "
+        f"on {rm['val_non_tie_pairs']} pairs",
+        "",
+        f"{'held-out scenes (' + str(len(b['reward'])) + ')':<34}{'before':>10}{'after':>10}{'change':>10}",
+        f"{'learned identity reward':<34}{b['reward_mean']:>10.3f}{a['reward_mean']:>10.3f}"
+        f"{summary['reward_change_relative']:>+10.1%}",
+        f"{'oracle identity consistency':<34}{b['oracle_mean']:>10.3f}{a['oracle_mean']:>10.3f}"
+        f"{summary['oracle_change_relative']:>+10.1%}",
+    ]
+    return "\n".join(lines)
