@@ -222,6 +222,8 @@ def _suite(rank, world_size):
             "grads_ac_on": _grads_once(rank, world_size, {"activation_checkpointing": True}),
             "accum_prefetch": _fsdp_train(rank, world_size, {"prefetch": True}, accum, False),
             "grads_bf16": _grads_once(rank, world_size, {"compute_dtype": torch.bfloat16}),
+            "grads_bf16_reduce": _grads_once(rank, world_size, {"compute_dtype": torch.bfloat16,
+                                                                "reduce_dtype": torch.bfloat16}),
             "bf16": _fsdp_train(rank, world_size, {"compute_dtype": torch.bfloat16}, {}, False),
             "lora_sharded": _fsdp_train(rank, world_size, {}, {}, True),
             "lora_replicated": _fsdp_train(rank, world_size, {"replicate_trainable_below": 10_000}, {}, True),
@@ -310,11 +312,13 @@ def test_several_forwards_and_accumulation_with_and_without_checkpointing(two_ra
 
 
 def test_bf16_compute_stays_close(two_ranks):
-    fp32, bf16 = two_ranks[0]["grads_ac_off"][0], two_ranks[0]["grads_bf16"][0]
-    for k in fp32:
-        assert bf16[k].dtype == torch.float32  # fp32 master gradients
-        err = (bf16[k] - fp32[k]).norm() / fp32[k].norm()
-        assert 0 < err < 5e-2, f"{k}: bf16 gradient relative error {err:.3g}"
+    fp32 = two_ranks[0]["grads_ac_off"][0]
+    for name in ("grads_bf16", "grads_bf16_reduce"):  # bf16 compute; fp32 / bf16 reductions
+        bf16 = two_ranks[0][name][0]
+        for k in fp32:
+            assert bf16[k].dtype == torch.float32  # fp32 master gradients
+            err = (bf16[k] - fp32[k]).norm() / fp32[k].norm()
+            assert 0 < err < 5e-2, f"{name} {k}: relative error {err:.3g}"
     _, want_losses = reference()
     losses = (two_ranks[0]["bf16"][1] + two_ranks[1]["bf16"][1]) / 2
     assert torch.isfinite(losses).all()

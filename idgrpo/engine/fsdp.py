@@ -365,7 +365,12 @@ class FSDP(nn.Module):
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Accumulate gradients locally (unsharded, fp32) without communication; the first
-        backward outside the context reduces everything accumulated."""
+        backward outside the context reduces everything accumulated.
+
+        Note: this holds an unsharded fp32 gradient per trainable group (4 bytes per trainable
+        parameter on every rank): right for LoRA, too much for full fine-tuning of a large model,
+        where plain backward per micro-step (reduce-scatter each time, sharded memory) is better.
+        """
         previous, self._sync_grads = self._sync_grads, False
         try:
             yield
