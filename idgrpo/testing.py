@@ -54,6 +54,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
 
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+        # Note: gloo's init can return on one rank while a peer is still connecting; a rank that
+        # finished fn and tore the group down would then break the peer's init. Meet first.
+        dist.barrier()
         result = fn(rank, world_size, *args)
         queue.put((rank, True, result))
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
