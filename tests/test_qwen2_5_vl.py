@@ -2,6 +2,7 @@
 for text-only, image+text and video+text inputs (right padding, partial windows, several images), and
 checkpoint loading under both key namings."""
 
+import dataclasses
 import json
 
 import pytest
@@ -184,6 +185,22 @@ def test_config_from_transformers_config_json_both_layouts():
     assert Qwen2_5_VLConfig.from_hf(hf_config_dict(c)) == c
     three_b = Qwen2_5_VLConfig.from_name("3b")
     assert three_b.head_dim == 128 and three_b.vision.head_dim == 80
+    # The reward checkpoint's config.json (flat 4.51 layout, MODELS.md §7.1), vocabulary resized to 151,666.
+    published = {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "hidden_size": 2048,
+        "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True, "vocab_size": 151666,
+        "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+        "image_token_id": 151655, "video_token_id": 151656,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                          "num_heads": 16, "in_chans": 3, "out_hidden_size": 2048, "patch_size": 14,
+                          "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                          "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2}}
+    assert Qwen2_5_VLConfig.from_hf(published) == dataclasses.replace(three_b, vocab_size=151666)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in Qwen2_5_VL(three_b).parameters())
+    assert abs(params / 1e9 - 3.75) < 0.01  # MODELS.md §7.1: about 3.75B unique
     with pytest.raises(ValueError, match="mrope_section"):
         Qwen2_5_VLConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
 

@@ -173,6 +173,8 @@ class Qwen2_5_VLConfig:
         rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
         ours = {f.name for f in fields(QwenVisionConfig)}
         vision_kwargs = {k: v for k, v in vision.items() if k in ours}
+        if "in_chans" in vision:  # the name in the published Qwen2.5-VL config.json
+            vision_kwargs.setdefault("in_channels", vision["in_chans"])
         if "theta" in vision:
             vision_kwargs["rope_theta"] = vision["theta"]
         kwargs = {k: text[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
