@@ -258,3 +258,23 @@ def test_triton_kernel_path_matches_the_reference_path_with_gradients(monkeypatc
     assert (out - expected).abs().max() < 1e-5
     for name, grad in expected_grads.items():
         assert (grads[name] - grad).abs().max() <= 1e-5 * (1 + grad.abs().max()), name
+
+
+def test_sdpa_baseline_attention_gives_the_same_model(models):
+    _, ours = models
+    c = ours.config
+    ids = torch.randint(1, 290, (2, 20), generator=torch.Generator().manual_seed(9))
+    ids[0, 3:18] = c.image_token_id
+    position_ids = torch.arange(20).view(1, 1, 20).expand(3, 2, 20)
+    inputs = dict(lengths=torch.tensor([20, 13]), pixel_values=torch.randn(60, 1176), image_grid_thw=[(1, 6, 10)])
+    with torch.no_grad():
+        expected = ours(ids, position_ids, **inputs)
+        ours.set_attention("sdpa")
+        try:
+            out = ours(ids, position_ids, **inputs)
+        finally:
+            ours.set_attention("idgrpo")
+    valid = torch.arange(20)[None] < inputs["lengths"][:, None]
+    assert (out[valid] - expected[valid]).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="attention"):
+        ours.set_attention("flash")

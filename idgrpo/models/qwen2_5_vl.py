@@ -198,6 +198,36 @@ class Qwen2_5_VLConfig:
         return asdict(self)
 
 
+# ----------------------------------------------------------------------------- attention
+
+
+def sdpa_attention(q, k, v, *, causal=False, k_lens=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                   max_seqlen_k=None):
+    """`idgrpo.kernels.attention.attention` semantics on torch SDPA, the way transformers runs Qwen2.5-VL with
+    attn_implementation="sdpa" (varlen: one call per sequence, reading cu_seqlens on the host; dense: a boolean
+    causal + padding mask). The baseline of bench/reward.py; select it with `Qwen2_5_VL.set_attention("sdpa")`."""
+    if cu_seqlens_q is not None:
+        starts = cu_seqlens_q.tolist()
+        outs = [sdpa_attention(q[None, a:b], k[None, a:b], v[None, a:b])[0] for a, b in zip(starts[:-1], starts[1:])]
+        return torch.cat(outs)  # (T, H, D)
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    mask = None
+    if causal or k_lens is not None:
+        keys = torch.arange(Lk, device=q.device)
+        mask = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=q.device)
+        if causal:
+            mask = mask & (keys[None, :] <= torch.arange(Lq, device=q.device)[:, None] + (Lk - Lq))
+        if k_lens is not None:
+            mask = mask & (keys.view(1, 1, 1, Lk) < k_lens.view(B, 1, 1, 1))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         enable_gqa=k.shape[2] != H)
+    return out.transpose(1, 2)  # (B, Lq, H, D)
+
+
+ATTENTION_IMPLEMENTATIONS = {"idgrpo": attention, "sdpa": sdpa_attention}
+
+
 # ----------------------------------------------------------------------------- vision tower
 
 
@@ -207,14 +237,15 @@ class VisionAttention(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
+        self.attention_fn = attention
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
         tokens = x.shape[0]
         q, k, v = self.qkv(x).view(tokens, 3, self.heads, -1).unbind(1)  # each (T, H, D)
         q = apply_rope(q.unsqueeze(0), cos, sin, interleaved=False)[0]
         k = apply_rope(k.unsqueeze(0), cos, sin, interleaved=False)[0]
-        out = attention(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-                        max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)  # (T, H, D)
+        out = self.attention_fn(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)  # (T, H, D)
         return self.proj(out.reshape(tokens, -1))
 
 
@@ -378,13 +409,14 @@ class TextAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
+        self.attention_fn = attention
 
     def forward(self, x, cos, sin, lengths):
         B, L, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, L, self.heads, self.head_dim), cos, sin, interleaved=False)
         k = apply_rope(self.k_proj(x).view(B, L, self.kv_heads, self.head_dim), cos, sin, interleaved=False)
         v = self.v_proj(x).view(B, L, self.kv_heads, self.head_dim)
-        out = attention(q, k, v, causal=True, k_lens=lengths)  # (B, L, H, D)
+        out = self.attention_fn(q, k, v, causal=True, k_lens=lengths)  # (B, L, H, D)
         return self.o_proj(out.reshape(B, L, -1))
 
 
@@ -453,6 +485,14 @@ class Qwen2_5_VL(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, lengths)
         return self.model.norm(x)
+
+    def set_attention(self, implementation: str) -> None:
+        """"idgrpo" (the project's kernel, default) or "sdpa" (torch SDPA as transformers runs it: baseline)."""
+        if implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention {implementation!r}: expected one of {sorted(ATTENTION_IMPLEMENTATIONS)}")
+        for module in self.modules():
+            if isinstance(module, (VisionAttention, TextAttention)):
+                module.attention_fn = ATTENTION_IMPLEMENTATIONS[implementation]
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -591,5 +631,6 @@ def hf_config_dict(config: Qwen2_5_VLConfig) -> dict:
     }
 
 
-__all__ = ["Qwen2_5_VL", "Qwen2_5_VLConfig", "QwenVisionConfig", "VisionTower", "load_qwen2_5_vl",
-           "save_qwen2_5_vl", "to_checkpoint_key", "to_new_hf_key", "vision_layout", "hf_config_dict"]
+__all__ = ["ATTENTION_IMPLEMENTATIONS", "Qwen2_5_VL", "Qwen2_5_VLConfig", "QwenVisionConfig", "VisionTower",
+           "hf_config_dict", "load_qwen2_5_vl", "save_qwen2_5_vl", "sdpa_attention", "to_checkpoint_key",
+           "to_new_hf_key", "vision_layout"]
