@@ -23,6 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("idgrpo.env:env", "Versions, devices, optional accelerators and the kernel backend per op."),
     "encode-prompts": ("idgrpo.models.prompt_cache:encode_prompts", "Cache umT5 prompt embeddings."),
     "train-grpo": ("idgrpo.rl.recipe:train_grpo", "Identity-GRPO training (presets tiny, vace-1.3b, phantom-1.3b)."),
+    "synth-pairs": ("idgrpo.reward.distortions:synth_pairs", "Make labelled identity preference pairs by distortions."),
+    "train-reward": ("idgrpo.reward.train:train_reward", "Train the compact identity reward model (BT/BTT)."),
+    "score": ("idgrpo.reward.train:score", "Score videos with a trained reward model into a CSV."),
 }
 
 

@@ -1,0 +1,258 @@
+"""A compact identity reward model: does every person of the reference images keep their identity
+through the video?
+
+    frames (B, T, S, S, 3) ─┐                       references (B, P, S, S, 3)
+                            ├── shared small ViT ──┤
+       frame tokens (B, T, L, D)          reference tokens (B, P, L, D)
+                            └── cross-attention: each reference token looks for itself in each frame
+                  per reference token: [ref, found, ref*found, |ref-found|] -> match score
+                  weighted pool over the reference's tokens -> per-person, per-frame feature
+                  temporal self-attention over the frames of one person -> consistency s[b, p, t]
+                  per person: mix of mean and soft-min over frames; per video: mean over people
+
+The reward is a scalar per video (higher = identities kept better); `forward` also returns the
+per-person, per-frame scores. The prompt is not used by this model (the interface accepts it so
+that text-aware rewards plug in the same way). All attention goes through
+`idgrpo.kernels.attention.attention` (Triton on GPU, PyTorch reference on CPU).
+
+Presets: `tiny` (CPU, trains in minutes on 32x32 frames), `small`, `base` (GPU).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from idgrpo.kernels.attention import attention
+
+
+@dataclass
+class RewardModelConfig:
+    image_size: int = 32
+    """Frames and references are resized to image_size x image_size."""
+    patch_size: int = 4
+    """ViT patch side (image_size must be a multiple)."""
+    dim: int = 64
+    """Token width."""
+    depth: int = 2
+    """Self-attention blocks of the shared image encoder."""
+    heads: int = 4
+    """Attention heads (dim must be a multiple)."""
+    mlp_ratio: float = 2.0
+    """MLP hidden width / dim."""
+    temporal_depth: int = 1
+    """Self-attention blocks across the frames of one person."""
+    max_frames: int = 32
+    """Longest frame sequence (size of the learned temporal position table)."""
+    parts: int = 8
+    """Tokens each reference is summarised into (learned queries) before searching the frames."""
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not a multiple of heads {self.heads}")
+        if min(self.dim, self.depth, self.heads, self.max_frames, self.parts) < 1 or self.temporal_depth < 0:
+            raise ValueError("dim, depth, heads, max_frames and parts must be >= 1, temporal_depth >= 0")
+
+    @staticmethod
+    def from_name(name: str) -> RewardModelConfig:
+        presets = {
+            "tiny": RewardModelConfig(),
+            "small": RewardModelConfig(image_size=64, patch_size=8, dim=192, depth=4, heads=6),
+            "base": RewardModelConfig(image_size=112, patch_size=8, dim=384, depth=8, heads=6, temporal_depth=2),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown reward model preset {name!r}; choose from {sorted(presets)}")
+        return presets[name]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; `context` switches self-attention to cross-attention."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, cross: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim) if cross else None
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm_mlp = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def attend(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, Lq, D), context (N, Lk, D) or None -> attention output (N, Lq, D) (no residual)."""
+        n, lq, d = x.shape
+        q = self.q(self.norm_q(x)).view(n, lq, self.heads, d // self.heads)  # (N, Lq, H, Dh)
+        source = self.norm_kv(context) if context is not None else self.norm_q(x)
+        k, v = self.kv(source).view(n, source.shape[1], 2, self.heads, d // self.heads).unbind(2)  # (N, Lk, H, Dh)
+        return self.out(attention(q, k, v).reshape(n, lq, d))
+
+    def attend_grid(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Every query set against every context: x (B, P, Lq, D), context (B, T, Lk, D) ->
+        (B, P, T, Lq, D). Projections run once per set (not once per (p, t) combination)."""
+        b, p, lq, d = x.shape
+        t, lk = context.shape[1:3]
+        h = self.heads
+        q = self.q(self.norm_q(x)).view(b, p, 1, lq, h, d // h).expand(b, p, t, lq, h, d // h)
+        k, v = self.kv(self.norm_kv(context)).view(b, 1, t, lk, 2, h, d // h).expand(
+            b, p, t, lk, 2, h, d // h).unbind(4)
+        out = attention(q.reshape(b * p * t, lq, h, d // h), k.reshape(b * p * t, lk, h, d // h),
+                        v.reshape(b * p * t, lk, h, d // h))  # (B*P*T, Lq, H, Dh)
+        return self.out(out.reshape(b, p, t, lq, d))
+
+    def pool(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Learned queries (K, D) read a token set: context (N, L, D) -> (N, K, D)."""
+        x = queries.expand(context.shape[0], *queries.shape)
+        x = x + self.attend(x, context)
+        return x + self.mlp(self.norm_mlp(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attend(x)
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class IdentityRewardModel(nn.Module):
+    def __init__(self, config: RewardModelConfig):
+        super().__init__()
+        self.config = c = config
+        num_patches = (c.image_size // c.patch_size) ** 2
+        self.patch = nn.Conv2d(3, c.dim, c.patch_size, stride=c.patch_size)
+        self.position = nn.Parameter(torch.randn(num_patches, c.dim) * 0.02)
+        self.is_reference = nn.Parameter(torch.randn(2, c.dim) * 0.02)  # (frame, reference) type embedding
+        self.blocks = nn.ModuleList(Block(c.dim, c.heads, c.mlp_ratio) for _ in range(c.depth))
+        self.norm = nn.LayerNorm(c.dim)
+        self.part_queries = nn.Parameter(torch.randn(c.parts, c.dim) * 0.02)
+        self.summarise = Block(c.dim, c.heads, c.mlp_ratio, cross=True)  # reference tokens -> `parts` tokens
+        self.find = Block(c.dim, c.heads, c.mlp_ratio, cross=True)  # reference parts -> frame tokens
+        self.match = nn.Sequential(nn.Linear(4 * c.dim, c.dim), nn.GELU(), nn.Linear(c.dim, c.dim))
+        self.token_weight = nn.Linear(c.dim, 1)
+        # Presence: best cosine match of each reference part among a frame's tokens.
+        self.presence_q = nn.Linear(c.dim, c.dim)
+        self.presence_k = nn.Linear(c.dim, c.dim)
+        self.presence_scale = nn.Parameter(torch.tensor(5.0))
+        self.presence = nn.Linear(2, c.dim)
+        self.time = nn.Parameter(torch.randn(c.max_frames, c.dim) * 0.02)
+        self.temporal = nn.ModuleList(Block(c.dim, c.heads, c.mlp_ratio) for _ in range(c.temporal_depth))
+        self.score_head = nn.Sequential(nn.LayerNorm(c.dim), nn.Linear(c.dim, 1))
+        self.min_mix = nn.Parameter(torch.zeros(()))  # sigmoid -> weight of the soft-min over frames
+        self.register_buffer("mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
+
+    def encode(self, images: torch.Tensor, kind: int) -> torch.Tensor:
+        """images uint8 or float in 0..255, (N, S, S, 3) -> tokens (N, L, D)."""
+        x = images.permute(0, 3, 1, 2).to(self.patch.weight.dtype) / 255.0 - self.mean  # (N, 3, S, S)
+        x = self.patch(x).flatten(2).transpose(1, 2)  # (N, L, D)
+        x = x + self.position + self.is_reference[kind]
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, frames: torch.Tensor, references: torch.Tensor, ref_mask: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        """frames (B, T, S, S, 3), references (B, P, S, S, 3) (uint8 or float 0..255, already resized),
+        ref_mask (B, P) bool (False = padding). Returns {"reward": (B,), "per_frame": (B, P, T)}."""
+        b, t = frames.shape[:2]
+        p = references.shape[1]
+        size = self.config.image_size
+        if frames.shape[2:4] != (size, size) or references.shape[2:4] != (size, size):
+            raise ValueError(f"frames {tuple(frames.shape)} / references {tuple(references.shape)} must be "
+                             f"{size}x{size}: resize first (score() does)")
+        if t > self.config.max_frames:
+            raise ValueError(f"{t} frames > max_frames {self.config.max_frames}")
+        if ref_mask is None:
+            ref_mask = torch.ones(b, p, dtype=torch.bool, device=frames.device)
+        frame_tokens = self.encode(frames.flatten(0, 1), 0)  # (B*T, L, D)
+        ref_tokens = self.encode(references.flatten(0, 1), 1)  # (B*P, L, D)
+        n_tok, d = frame_tokens.shape[1:]
+        k = self.config.parts
+        parts = self.summarise.pool(self.part_queries, ref_tokens).view(b, p, k, d)  # (B, P, K, D)
+        # Every (person, frame) combination: the reference's parts search that frame.
+        found = self.find.attend_grid(parts, frame_tokens.view(b, t, n_tok, d))  # (B, P, T, K, D)
+        found = found + self.find.mlp(self.find.norm_mlp(found))
+        ref_n = F.layer_norm(parts, (d,)).unsqueeze(2).expand_as(found)
+        found_n = F.layer_norm(found, (d,))
+        match = self.match(torch.cat([ref_n, found_n, ref_n * found_n, (ref_n - found_n).abs()], -1))
+        weights = torch.softmax(self.token_weight(parts).squeeze(-1), dim=-1)  # (B, P, K)
+        per_frame = torch.einsum("bpk,bptkd->bptd", weights, match)  # (B, P, T, D)
+        q = F.normalize(self.presence_q(parts), dim=-1)  # (B, P, K, D)
+        keys = F.normalize(self.presence_k(frame_tokens), dim=-1).view(b, t, n_tok, d)  # (B, T, L, D)
+        best = torch.einsum("bpkd,btld->bptkl", q, keys).amax(-1)  # (B, P, T, K)
+        presence = torch.stack([(best * weights[:, :, None]).sum(-1), best.amin(-1)], -1)  # (B, P, T, 2)
+        per_frame = (per_frame + self.presence(presence * self.presence_scale)).reshape(b * p, t, d)
+        per_frame = per_frame + self.time[:t]
+        for block in self.temporal:
+            per_frame = block(per_frame)
+        scores = self.score_head(per_frame).view(b, p, t).float()  # (B, P, T)
+        soft_min = -torch.logsumexp(-scores, dim=-1) + torch.log(torch.tensor(float(t)))
+        mix = torch.sigmoid(self.min_mix.float())
+        per_person = (1 - mix) * scores.mean(-1) + mix * soft_min  # (B, P)
+        mask = ref_mask.to(per_person.dtype)
+        reward = (per_person * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        return {"reward": reward, "per_frame": scores, "per_person": per_person}
+
+    @torch.no_grad()
+    def score(self, frames: torch.Tensor, references: list[list[torch.Tensor]], prompts: list[str] | None = None,
+              num_frames: int = 5) -> torch.Tensor:
+        """The reward interface: frames uint8 (B, T, H, W, 3) on device, references (len B) lists of
+        uint8 (h, w, 3), prompts (ignored). Samples `num_frames` uniformly, resizes, returns (B,) fp32."""
+        if frames.dim() != 5 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be (B, T, H, W, 3), got {tuple(frames.shape)}")
+        if len(references) != frames.shape[0] or any(len(r) == 0 for r in references):
+            raise ValueError("references must hold one non-empty list of images per video")
+        device = frames.device
+        total = frames.shape[1]
+        index = torch.linspace(0, total - 1, min(num_frames, total)).round().long().to(device)
+        frames = _resize(frames.index_select(1, index), self.config.image_size)
+        people = max(len(r) for r in references)
+        refs = torch.zeros(len(references), people, self.config.image_size, self.config.image_size, 3,
+                           device=device)
+        ref_mask = torch.zeros(len(references), people, dtype=torch.bool, device=device)
+        for i, images in enumerate(references):
+            for j, image in enumerate(images):
+                refs[i, j] = _resize(image.to(device)[None], self.config.image_size)[0]
+                ref_mask[i, j] = True
+        return self(frames, refs, ref_mask)["reward"]
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `reward_model.safetensors` + `reward_model.json` (the config) into `directory`."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  str(directory / "reward_model.safetensors"))
+        (directory / "reward_model.json").write_text(json.dumps(asdict(self.config), indent=1))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> IdentityRewardModel:
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in ("reward_model.json", "reward_model.safetensors"):
+            if not (directory / name).exists():
+                raise FileNotFoundError(f"{directory / name} not found: not a reward model directory "
+                                        "(train-reward writes one under <out>/final)")
+        config = RewardModelConfig(**json.loads((directory / "reward_model.json").read_text()))
+        model = cls(config)
+        state = load_file(str(directory / "reward_model.safetensors"))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{directory}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
+        return model.to(device).eval()
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float (..., size, size, 3) in 0..255 (bilinear, antialiased)."""
+    lead = images.shape[:-3]
+    x = images.reshape(-1, *images.shape[-3:]).permute(0, 3, 1, 2).float()
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x.permute(0, 2, 3, 1).reshape(*lead, size, size, 3)

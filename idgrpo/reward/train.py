@@ -1,0 +1,365 @@
+"""`idgrpo train-reward` (pairwise preference training of the compact identity reward model) and
+`idgrpo score` (batch scoring of videos into a CSV).
+
+Usage:
+    idgrpo synth-pairs --out runs/pairs                                  # make a synthetic pair set
+    idgrpo train-reward --data runs/pairs/pairs.jsonl --out runs/reward   # one CPU process
+    torchrun --nproc_per_node=8 -m idgrpo train-reward --data pairs.jsonl --out runs/reward --preset base \
+        --precision bf16                                                 # one node, 8 GPUs
+    idgrpo score --model runs/reward/final --csv videos.csv --out scores.csv
+
+Each epoch ends with an evaluation on the held-out split (pairwise accuracy on non-tie pairs, three-way
+accuracy with ties under the Rao-Kupper model, loss, expected calibration error, accuracy per distortion
+kind) and a checkpoint; a rerun with the same --out resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+import tyro
+
+from idgrpo.engine import (
+    FSDP,
+    Checkpointer,
+    Metrics,
+    build_optimizer,
+    clip_grad_norm_,
+    init_distributed,
+    progress,
+    step_if_finite,
+)
+from idgrpo.reward.data import load_pairs, read_pairs, split_pairs
+from idgrpo.reward.losses import INVALID, PREFER_A, PREFER_B, TIE, bt_loss, btt_loss, btt_probabilities
+from idgrpo.reward.model import IdentityRewardModel, RewardModelConfig
+
+
+@dataclass
+class TrainRewardConfig:
+    data: Path = Path("runs/synth_pairs/pairs.jsonl")
+    """Pair file (.csv or .jsonl, format in idgrpo.reward.data)."""
+    out: Path = Path("runs/reward")
+    """Run folder: checkpoints/, metrics.jsonl, final/ (the trained model), summary.json."""
+    val_data: Path | None = None
+    """Held-out pair file; when omitted, `held_out_fraction` of the groups of --data are held out."""
+    held_out_fraction: float = 0.15
+    """Fraction of pair groups (source videos) held out for evaluation."""
+    preset: str = ""
+    """Model preset (tiny: CPU, small, base); when given it replaces the --model.* values."""
+    model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    """Model config (defaults to the tiny preset)."""
+    loss: Literal["btt", "bt"] = "btt"
+    """Bradley-Terry with ties (Rao-Kupper) or plain Bradley-Terry (ties masked)."""
+    ties_k: float = 5.0
+    """Rao-Kupper k (> 1) of the BTT loss."""
+    num_frames: int = 5
+    """Frames sampled uniformly from each video."""
+    epochs: int = 30
+    """Passes over the training split."""
+    batch_size: int = 32
+    """Pairs per step (global, split across ranks)."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate (cosine decay to 5% after a 3% warmup)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Max gradient norm."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Compute dtype of the FSDP-gathered weights (master weights and optimizer state stay fp32)."""
+    flip_augment: bool = True
+    """Mirror frames and references of a pair together at random (identity-preserving)."""
+    skip_bad_rows: bool = False
+    """Skip (and count) bad rows instead of stopping at the first one."""
+    max_minutes: float = 0.0
+    """Stop after this many minutes (0 = no limit); the last finished epoch is kept."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda."""
+    seed: int = 0
+    """Seed of initialisation, shuffling and augmentation."""
+    resume: bool = True
+    """Resume from the latest checkpoint in --out when there is one."""
+    threads: int = 0
+    """torch CPU threads (0 = leave as is)."""
+
+    def __post_init__(self):
+        if self.ties_k <= 1:
+            raise ValueError(f"ties_k must be > 1, got {self.ties_k}")
+        if min(self.epochs, self.batch_size, self.num_frames) < 1:
+            raise ValueError("epochs, batch_size and num_frames must be >= 1")
+        if self.lr <= 0:
+            raise ValueError("lr must be > 0")
+
+    def model_config(self) -> RewardModelConfig:
+        return RewardModelConfig.from_name(self.preset) if self.preset else self.model
+
+
+def _pairwise_losses(reward_a, reward_b, labels, config: TrainRewardConfig):
+    if config.loss == "btt":
+        return btt_loss(reward_a, reward_b, labels, k=config.ties_k)
+    return bt_loss(reward_a, reward_b, labels)
+
+
+def _batch(tensors, index, flip: torch.Tensor | None, device):
+    """Gather a batch of pairs: (frames (2N, T, S, S, 3), refs (2N, P, S, S, 3), ref_mask (2N, P), labels)."""
+    frames = torch.cat([tensors.frames_a[index], tensors.frames_b[index]]).to(device)
+    refs = torch.cat([tensors.refs_a[index], tensors.refs_b[index]]).to(device)
+    ref_mask = torch.cat([tensors.ref_mask[index], tensors.ref_mask[index]]).to(device)
+    if flip is not None:  # the same mirror for both sides of a pair and their references
+        both = torch.cat([flip, flip]).to(device).view(-1, 1, 1, 1, 1)
+        frames = torch.where(both, frames.flip(-2), frames)
+        refs = torch.where(both, refs.flip(-2), refs)
+    return frames, refs, ref_mask, tensors.labels[index].to(device)
+
+
+@torch.no_grad()
+def evaluate(model, tensors, config: TrainRewardConfig, device, batch_size: int = 64) -> dict:
+    """Held-out metrics: loss, accuracy on non-tie pairs, 3-way accuracy with ties (argmax of the
+    Rao-Kupper probabilities), tie accuracy, expected calibration error (10 bins over the predicted
+    class's probability), accuracy per pair kind."""
+    model.eval()
+    rewards_a, rewards_b = [], []
+    for start in range(0, len(tensors), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(tensors)))
+        frames, refs, ref_mask, _ = _batch(tensors, index, None, device)
+        reward = model(frames, refs, ref_mask)["reward"].float()
+        rewards_a.append(reward[:len(index)])
+        rewards_b.append(reward[len(index):])
+    model.train()
+    ra, rb = torch.cat(rewards_a).cpu(), torch.cat(rewards_b).cpu()
+    labels = tensors.labels
+    loss = float(_pairwise_losses(ra, rb, labels, config))
+    non_tie = (labels == PREFER_A) | (labels == PREFER_B)
+    predicted_sign = torch.where(ra > rb, PREFER_A, PREFER_B)
+    correct_non_tie = (predicted_sign == labels) & non_tie
+    probs = btt_probabilities(ra, rb, k=config.ties_k)  # (N, 3): A, tie, B
+    outcome = torch.tensor([PREFER_A, TIE, PREFER_B])[probs.argmax(-1)]
+    valid = labels != INVALID
+    correct3 = (outcome == labels) & valid
+    confidence = probs.max(-1).values
+    ece = 0.0
+    for low in torch.linspace(0, 1, 11)[:-1]:
+        in_bin = valid & (confidence > low) & (confidence <= low + 0.1)
+        if in_bin.any():
+            ece += float(in_bin.sum()) / float(valid.sum()) * abs(
+                float(correct3[in_bin].float().mean()) - float(confidence[in_bin].mean()))
+    ties = labels == TIE
+    metrics = {
+        "val_loss": loss,
+        "val_acc_non_tie": float(correct_non_tie.sum()) / max(1, int(non_tie.sum())),
+        "val_acc_with_ties": float(correct3.sum()) / max(1, int(valid.sum())),
+        "val_tie_acc": float(correct3[ties].float().mean()) if ties.any() else float("nan"),
+        "val_ece": ece,
+        "val_pairs": len(tensors),
+        "val_non_tie_pairs": int(non_tie.sum()),
+    }
+    for kind in sorted(set(tensors.kinds) - {""}):
+        rows = torch.tensor([k == kind for k in tensors.kinds])
+        if (rows & non_tie).any():
+            metrics[f"val_acc/{kind}"] = float(correct_non_tie[rows & non_tie].float().mean())
+        elif rows.any():
+            metrics[f"val_acc/{kind}"] = float(correct3[rows].float().mean())
+    return metrics
+
+
+def _device(name: str, info_device: torch.device) -> torch.device:
+    return info_device if name == "auto" else torch.device(name)
+
+
+def train_reward(config: Annotated[TrainRewardConfig, tyro.conf.arg(name="")]) -> int:
+    """Train the compact identity reward model on preference pairs (BTT or BT loss), on the engine:
+    one process, or `torchrun` (gloo on CPU, NCCL on GPU) with the model wrapped in FSDP."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    info = init_distributed()
+    device = _device(config.device, info.device)
+    main = info.rank == 0
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs, report = read_pairs(config.data, skip_bad_rows=config.skip_bad_rows)
+    if config.val_data is not None:
+        train_pairs = pairs
+        val_pairs, val_report = read_pairs(config.val_data, skip_bad_rows=config.skip_bad_rows)
+        report.skipped += val_report.skipped
+        report.reasons += val_report.reasons
+    else:
+        train_pairs, val_pairs = split_pairs(pairs, config.held_out_fraction, config.seed)
+    model_config = config.model_config()
+    load = dict(num_frames=config.num_frames, image_size=model_config.image_size,
+                skip_bad_rows=config.skip_bad_rows, report=report)
+    train_set, val_set = load_pairs(train_pairs, **load), load_pairs(val_pairs, **load)
+    if main:
+        if report.skipped:
+            print(f"train-reward: skipped {report.skipped} bad rows (--skip-bad-rows):")
+            for reason in report.reasons[:20]:
+                print("  " + reason)
+        print(f"train-reward: {len(train_set)} training pairs, {len(val_set)} held-out pairs, "
+              f"{info.world_size} process(es), device {device}")
+
+    torch.manual_seed(config.seed)
+    compute_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+    model = FSDP(IdentityRewardModel(model_config), compute_dtype=compute_dtype, device=device)
+    optimizer = build_optimizer(model.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    warmup = max(1, int(0.03 * total_steps))
+    schedule = lambda step: min(1.0, (step + 1) / warmup) * (
+        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps))))
+    checkpointer = Checkpointer(out / "checkpoints", keep=2, config=asdict(config))
+    step, epoch_done, history = 0, 0, []
+    resumed = checkpointer.load_latest(model, optimizer) if config.resume else None
+    if resumed is not None:
+        step, extra = resumed
+        epoch_done, history = extra["epoch"], extra["history"]
+        if main:
+            print(f"train-reward: resumed after epoch {epoch_done} (step {step})")
+    metrics = Metrics(out, rank=info.rank, all_reduce=True)
+    started = time.monotonic()
+    for epoch in range(epoch_done, config.epochs):
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(train_set), generator=generator)
+        flips = (torch.rand(len(train_set), generator=generator) < 0.5) if config.flip_augment else None
+        for i in progress(range(steps_per_epoch), rank=info.rank, desc=f"epoch {epoch + 1}/{config.epochs}"):
+            batch = order[i * config.batch_size:(i + 1) * config.batch_size]
+            index = batch[info.rank::info.world_size]  # this rank's share of the global batch
+            if len(index) == 0:  # a last batch smaller than the world: repeat a pair (keeps collectives in step)
+                index = batch[:1]
+            frames, refs, ref_mask, labels = _batch(train_set, index, None if flips is None else flips[index],
+                                                    device)
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * schedule(step)
+            reward = model(frames, refs, ref_mask)["reward"].float()
+            loss = _pairwise_losses(reward[:len(index)], reward[len(index):], labels, config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = clip_grad_norm_(model, config.grad_clip)
+            metrics.add("skipped_steps", step_if_finite(optimizer, loss, grad_norm))
+            metrics.add("train_loss", loss)
+            metrics.add("grad_norm", grad_norm)
+            step += 1
+        train_stats = metrics.flush(step)
+        record = {"epoch": epoch + 1, "step": step, **train_stats,
+                  "minutes": (time.monotonic() - started) / 60, **evaluate(model, val_set, config, device)}
+        history.append(record)
+        if main:
+            with (out / "eval.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(f"epoch {epoch + 1}: train_loss {record['train_loss']:.4f} val_loss {record['val_loss']:.4f} "
+                  f"acc(non-tie) {record['val_acc_non_tie']:.3f} acc(ties) {record['val_acc_with_ties']:.3f} "
+                  f"ece {record['val_ece']:.3f}")
+        checkpointer.save(step, model, optimizer, extra={"epoch": epoch + 1, "history": history})
+        if config.max_minutes and (time.monotonic() - started) / 60 > config.max_minutes:
+            if main:
+                print(f"train-reward: time limit of {config.max_minutes} minutes reached after epoch {epoch + 1}")
+            break
+    metrics.close()
+    state = model.full_state_dict()  # a collective: every rank
+    if main:
+        final = IdentityRewardModel(model_config)
+        final.load_state_dict(state)
+        final.save(out / "final")
+        summary = {"config": json.loads(json.dumps(asdict(config), default=str)), "skipped_rows": report.skipped,
+                   "final": history[-1] if history else None}
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"train-reward: model written to {out / 'final'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# idgrpo score
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoreConfig:
+    model: Path = Path("runs/reward/final")
+    """Reward model directory (train-reward's <out>/final)."""
+    videos: tuple[Path, ...] = ()
+    """Videos to score (all with --refs and --prompt)."""
+    refs: tuple[Path, ...] = ()
+    """Reference images of the people, shared by --videos."""
+    prompt: str = ""
+    """Prompt shared by --videos."""
+    csv: Path | None = None
+    """CSV/JSONL with columns video, refs (`;`-separated), prompt (instead of --videos)."""
+    out: Path = Path("scores.csv")
+    """Output CSV: video, refs, prompt, reward."""
+    batch_size: int = 16
+    """Videos per forward."""
+    num_frames: int = 5
+    """Frames sampled uniformly per video."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+
+    def __post_init__(self):
+        if self.csv is None and not self.videos:
+            raise ValueError("give --videos (with --refs) or --csv")
+        if self.videos and not self.refs:
+            raise ValueError("--videos needs --refs (the reference images of the people)")
+
+
+def _score_rows(config: ScoreConfig) -> list[tuple[Path, list[Path], str, str]]:
+    """(video, refs, prompt, where) rows, paths checked."""
+    from idgrpo.reward.data import PairDataError, _split_refs
+
+    rows = []
+    if config.csv is not None:
+        path = Path(config.csv)
+        if not path.exists():
+            raise PairDataError(f"{path}: file does not exist")
+        if path.suffix.lower() == ".csv":
+            with path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                items = [(reader.line_num, row) for row in reader]
+        else:
+            items = [(n, json.loads(line)) for n, line in enumerate(path.open(), 1) if line.strip()]
+        for number, row in items:
+            where = f"{path}:{number}"
+            if not row.get("video") or not row.get("refs"):
+                raise PairDataError(f"{where}: needs columns 'video' and 'refs'")
+            resolve = lambda p: p if Path(p).is_absolute() else path.parent / p
+            rows.append((resolve(row["video"]), [resolve(r) for r in _split_refs(row["refs"], where)],
+                         str(row.get("prompt") or ""), where))
+    for video in config.videos:
+        rows.append((Path(video), [Path(r) for r in config.refs], config.prompt, "--videos"))
+    for video, refs, _, where in rows:
+        for p in [video, *refs]:
+            if not Path(p).exists():
+                raise PairDataError(f"{where}: {p} does not exist")
+    return rows
+
+
+def score(config: Annotated[ScoreConfig, tyro.conf.arg(name="")]) -> int:
+    """Score videos with a trained reward model and write a CSV (video, refs, prompt, reward)."""
+    from idgrpo import media
+
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if config.device == "auto" else config.device))
+    model = IdentityRewardModel.load(config.model, device)
+    rows = _score_rows(config)
+    results = []
+    for start in range(0, len(rows), config.batch_size):
+        chunk = rows[start:start + config.batch_size]
+        size = model.config.image_size
+        from idgrpo.reward.data import resize_frames
+
+        frames = torch.stack([resize_frames(media.read_video(v, num_frames=config.num_frames), size)
+                              for v, _, _, _ in chunk]).to(device)
+        references = [[media.read_image(r).to(device) for r in refs] for _, refs, _, _ in chunk]
+        rewards = model.score(frames, references, [p for _, _, p, _ in chunk], num_frames=config.num_frames)
+        results += [(str(v), ";".join(map(str, refs)), p, float(r))
+                    for (v, refs, p, _), r in zip(chunk, rewards.cpu())]
+    out = Path(config.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["video", "refs", "prompt", "reward"])
+        writer.writerows(results)
+    print(f"score: {len(results)} videos -> {out}")
+    return 0
