@@ -635,15 +635,20 @@ class GRPOTrainer:
 
 
 def _adapters_disabled_policy(policy: nn.Module) -> Policy:
-    """The KL reference: the same module with its LoRA adapters switched off for the duration of the forward."""
-    inner = policy.module if isinstance(policy, FSDP) else policy
-    if hasattr(inner, "adapters_disabled"):
-        toggle = inner.adapters_disabled
-    else:
-        from idgrpo.models.lora import disable_lora
+    """The KL reference: the same module with its LoRA adapters switched off for the duration of the forward
+    (`idgrpo.models.lora.disable_lora`, or the module's own `adapters_disabled()` context when it has no
+    `LoRALinear`)."""
+    from idgrpo.models.lora import disable_lora, lora_modules
 
+    inner = policy.module if isinstance(policy, FSDP) else policy
+    if any(True for _ in lora_modules(inner)):
         def toggle():
             return disable_lora(inner)
+    elif hasattr(inner, "adapters_disabled"):
+        toggle = inner.adapters_disabled
+    else:
+        raise ValueError("reference='lora' but the policy has no LoRA adapters (nothing to switch off): use "
+                         "reference='copy' (a frozen copy) or pass a reference policy")
 
     def reference(latents, timestep, **kwargs):
         with toggle():

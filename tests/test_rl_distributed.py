@@ -1,0 +1,63 @@
+"""N ranks equal 1 rank for the same global batch: sharded trainable weights (full fine-tuning) and replicated LoRA
+adapters, with a NaN-reward row so that ranks keep different numbers of samples (weight-0 padding passes)."""
+
+import pytest
+import torch
+
+from idgrpo.models.lora import apply_lora, mark_only_lora_trainable
+from idgrpo.rl.config import GRPOConfig
+from idgrpo.rl.toy import ToyFlowPolicy, brightness_score, toy_conditioning, toy_decode
+from idgrpo.rl.trainer import GRPOTrainer, PromptRow
+from idgrpo.testing import run_distributed
+
+SHAPE = (4, 2, 8, 8)
+
+
+def _nan_for_prompt_1(frames, refs, prompts):
+    r = brightness_score(frames)
+    return torch.where(torch.tensor([p == "prompt 1" for p in prompts]), torch.full_like(r, float("nan")), r)
+
+
+def _train(run_dir, lora: bool) -> dict:
+    cfg = GRPOConfig.from_name("tiny", run_dir=run_dir, resume=False, epochs=3, eval_every=0, save_every=1000,
+                               prompts_per_epoch=2, group_size=4, rollout_batch_size=2, train_batch_size=1,
+                               kl_beta=0.004, reference="lora", guidance=2.0, inner_epochs=2)
+    policy = ToyFlowPolicy(SHAPE, seed=1)
+    if lora:  # real LoRALinear adapters on the base projection: replicated by FSDP, KL via disable_lora
+        torch.manual_seed(0)  # the adapters' gaussian init draws from the global RNG
+        apply_lora(policy, 2, 2.0, targets=["base"])
+        mark_only_lora_trainable(policy)
+    rows = [PromptRow(f"prompt {i}") for i in range(4)]
+    trainer = GRPOTrainer(cfg, policy, score=_nan_for_prompt_1, decode=toy_decode,
+                          build_conditioning=lambda rs: toy_conditioning([r.prompt for r in rs], cfg.guidance),
+                          latent_shape=SHAPE, train_rows=rows, log=lambda m: None)
+    history = trainer.train()
+    state = trainer.policy.full_state_dict(trainable_only=True)
+    return {"rewards": [h["reward_mean"] for h in history], "dropped": [h["dropped"] for h in history],
+            "kl": [h["kl"] for h in history], "ratio": [h["max_abs_ratio_minus_1_before_update"] for h in history],
+            "state": {k: v.tolist() for k, v in state.items()},  # plain lists: tensors do not outlive the worker
+            "replicated": [g.replicated for g in trainer.policy.groups if g.trainable]}
+
+
+def _both(rank, world_size, run_dir):
+    return {"sharded": _train(f"{run_dir}/sharded", lora=False), "lora": _train(f"{run_dir}/lora", lora=True)}
+
+
+def test_two_ranks_equal_one_rank(tmp_path):
+    one = run_distributed(_both, 1, str(tmp_path / "w1"), timeout_s=150)[0]
+    two = run_distributed(_both, 2, str(tmp_path / "w2"), timeout_s=150)
+    for variant, replicated in (("sharded", False), ("lora", True)):
+        ref = one[variant]
+        assert ref["replicated"] == [replicated]
+        assert sum(ref["dropped"]) > 0  # the NaN row was drawn: uneven kept samples per rank
+        assert max(ref["ratio"]) < 1e-5
+        assert ref["kl"][-1] > 0  # the adapters moved away from the reference
+        for result in two:
+            got = result[variant]
+            assert got["replicated"] == [replicated]
+            assert got["dropped"] == ref["dropped"]
+            assert got["rewards"] == pytest.approx(ref["rewards"], rel=1e-5, abs=1e-6)
+            for k, v in ref["state"].items():
+                torch.testing.assert_close(torch.tensor(got["state"][k]), torch.tensor(v), rtol=1e-5, atol=1e-6)
+        assert any(torch.tensor(v).abs().max() > 0 for k, v in ref["state"].items()
+                   if "lora_up" in k or "lora_B" in k)  # something was learned
