@@ -18,8 +18,8 @@ def _nan_for_prompt_1(frames, refs, prompts):
     return torch.where(torch.tensor([p == "prompt 1" for p in prompts]), torch.full_like(r, float("nan")), r)
 
 
-def _train(run_dir, lora: bool) -> dict:
-    cfg = GRPOConfig.from_name("tiny", run_dir=run_dir, resume=False, epochs=3, eval_every=0, save_every=1000,
+def _train(run_dir, lora: bool, epochs: int = 3, resume: bool = False) -> dict:
+    cfg = GRPOConfig.from_name("tiny", run_dir=run_dir, resume=resume, epochs=epochs, eval_every=0, save_every=1000,
                                prompts_per_epoch=2, group_size=4, rollout_batch_size=2, train_batch_size=1,
                                kl_beta=0.004, reference="lora", guidance=2.0, inner_epochs=2)
     policy = ToyFlowPolicy(SHAPE, seed=1)
@@ -37,6 +37,10 @@ def _train(run_dir, lora: bool) -> dict:
             "kl": [h["kl"] for h in history], "ratio": [h["max_abs_ratio_minus_1_before_update"] for h in history],
             "state": {k: v.tolist() for k, v in state.items()},  # plain lists: tensors do not outlive the worker
             "replicated": [g.replicated for g in trainer.policy.groups if g.trainable]}
+
+
+def _two_epochs_sharded(rank, world_size, run_dir):
+    return _train(run_dir, lora=False, epochs=2)
 
 
 def _both(rank, world_size, run_dir):
@@ -61,3 +65,12 @@ def test_two_ranks_equal_one_rank(tmp_path):
                 torch.testing.assert_close(torch.tensor(got["state"][k]), torch.tensor(v), rtol=1e-5, atol=1e-6)
         assert any(torch.tensor(v).abs().max() > 0 for k, v in ref["state"].items()
                    if "lora_up" in k or "lora_B" in k)  # something was learned
+
+
+def test_a_run_saved_at_two_ranks_resumes_at_one_rank_on_the_same_trajectory(tmp_path):
+    run_distributed(_two_epochs_sharded, 2, str(tmp_path / "resumed"), timeout_s=150)
+    resumed = _train(str(tmp_path / "resumed"), lora=False, epochs=4, resume=True)  # this process: 1 rank
+    straight = _train(str(tmp_path / "straight"), lora=False, epochs=4)
+    assert resumed["rewards"] == pytest.approx(straight["rewards"], rel=1e-5, abs=1e-6)
+    for k, v in straight["state"].items():
+        torch.testing.assert_close(torch.tensor(resumed["state"][k]), torch.tensor(v), rtol=1e-5, atol=1e-6)
