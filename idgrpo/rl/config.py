@@ -29,7 +29,8 @@ class GRPOConfig:
     vae_path: str | None = None
     """Wan VAE weights (`Wan2.1_VAE.pth` or safetensors); decodes rollouts for the reward, encodes references."""
     prompt_cache: str | None = None
-    """Text-embedding cache written by `idgrpo encode-prompts` (umT5 outputs, padded to 512)."""
+    """Text-embedding cache written by `idgrpo encode-prompts` (umT5 outputs, padded to 512); its negative prompt
+    (Wan's default Chinese one unless changed at encoding time) is the unconditional branch."""
     train_csv: str | None = None
     """Training rows in the reference format: columns `ref_paths,prompt`, reference paths separated by `;`."""
     test_csv: str | None = None
@@ -58,8 +59,9 @@ class GRPOConfig:
     """Classifier-free guidance scale of rollouts and training (1.0 = CFG-free: one forward per step)."""
     guidance_image: float = 5.0
     """Phantom only: the image guidance scale of its three-pass CFG (`guidance` is the text scale)."""
-    negative_prompt: str = ""
-    """Negative prompt of the unconditional branch; empty = Wan's default Chinese negative prompt from the cache."""
+    diffusers_ref_order: bool = True
+    """VACE: order the reference latents as diffusers' pipeline does (reversed list order, which the Identity-GRPO
+    recipe ran on) rather than the Wan/VACE original's list order (spec §2.4)."""
     noise_schedule: str = "identity_grpo"
     """SDE noise level s_t: "identity_grpo" (sigmas[1]·σ) or "flow_grpo" (noise_level·√(σ/(1−σ)))."""
     noise_level: float = 0.7

@@ -49,13 +49,15 @@ def load_reward(spec: str, config: GRPOConfig, device: torch.device):
 
 def vace_conditioning_builder(vae, text, config: GRPOConfig, n_ref: int):
     """rows -> Conditioning for Wan-VACE: the 96-channel context from the references (subject-to-video: no source
-    video, all-ones mask; references prepended in time in list order), text from `text.lookup`, the negative prompt
+    video, all-ones mask; references prepended in time, in diffusers' reversed order unless
+    `config.diffusers_ref_order` is off), text from `text.lookup`, the negative prompt
     from `text.negative`, the same VACE context in both CFG branches; the n_ref leading latent slots are dropped
     before decoding. `text` is a `PromptCache` (or anything with `lookup(prompts)` / `negative(batch)`)."""
     from idgrpo.models.conditioning import vace_context
 
     def build(rows):
-        context = vace_context(vae, [r.references for r in rows], config.num_frames, config.height, config.width)
+        context = vace_context(vae, [r.references for r in rows], config.num_frames, config.height, config.width,
+                               diffusers_ref_order=config.diffusers_ref_order)
         prompts = text.lookup([r.prompt for r in rows])
         return cfg_conditioning({"context": prompts, "vace_context": context.float()},
                                 {"context": text.negative(len(rows)), "vace_context": context.float()},
