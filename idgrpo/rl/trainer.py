@@ -343,8 +343,8 @@ class GRPOTrainer:
                               timestep_fraction=cfg.timestep_fraction)
 
     def rollout(self, epoch: int):
-        """Sample this rank's share of the epoch and score it. Returns (assignment, conditioning, rollout tensors,
-        local rewards (n,))."""
+        """Sample this rank's share of the epoch and score it. Returns (assignment, conditioning, plan, rollout
+        tensors {states (n, K+1, ...), log_probs (n, K), ref_means (n, K, ...) | None}, local rewards (n,))."""
         cfg = self.cfg
         assignment = assign_epoch(len(self.train_rows), cfg.prompts_per_epoch, cfg.group_size, epoch=epoch,
                                   seed=cfg.seed, rank=self.rank, world_size=self.world_size)
