@@ -238,3 +238,19 @@ def test_exports_full_weights_and_peft_lora(single):
     assert "base_model.model.blocks.0.qkv.lora_A.weight" in weights
     for k, v in want.items():
         assert torch.equal(weights[k], v)
+
+
+def test_header_length_with_a_pickle_like_first_byte_is_still_safetensors(tmp_path):
+    # A header whose length has low byte 0x80 starts with the pickle opcode byte; it must load.
+    for pad in range(300):
+        path = tmp_path / f"rank-{pad}.safetensors"
+        save_file({"x": torch.arange(3.0)}, str(path), metadata={"pad": "a" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no padding produced a header length with low byte 0x80")
+    ckpt_mod.check_safetensors_file(path)
+    pickled = tmp_path / "legacy.pt"
+    torch.save({"x": torch.arange(3.0)}, pickled, _use_new_zipfile_serialization=False)
+    with pytest.raises(ckpt_mod.CheckpointError, match="pickle"):
+        ckpt_mod.check_safetensors_file(pickled)

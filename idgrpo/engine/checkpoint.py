@@ -93,17 +93,23 @@ def check_safetensors_file(path: Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"{path}: file is missing")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(9)
+    size = path.stat().st_size
+    header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    # Note: a safetensors file is an 8-byte little-endian header length followed by a JSON header,
+    # so byte 8 is "{". Decide on that first: a length whose low byte is 0x80 is a valid header
+    # size, so the first byte alone cannot tell a safetensors file from a pickle.
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{"
+    if not looks_safetensors and (head[:2] == b"PK" or head[:1] == b"\x80"):
         raise CheckpointError(f"{path}: this is a pickle / torch.save file, not safetensors; it was not unpickled "
                               "(pickles can run code). Convert it with torch.load(weights_only=True) + save_file.")
     if len(head) < 8:
         raise CheckpointError(f"{path}: truncated file ({len(head)} bytes; a safetensors header needs 8)")
-    header_len = int.from_bytes(head, "little")
-    size = path.stat().st_size
     if header_len > size - 8:
         raise CheckpointError(f"{path}: truncated or not a safetensors file (header claims {header_len} bytes, "
                               f"file has {size})")
+    if not looks_safetensors:
+        raise CheckpointError(f"{path}: not a safetensors file (no JSON header after the 8-byte length)")
 
 
 class _RankFile:
