@@ -81,3 +81,42 @@ def test_bad_inputs_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a reward model directory"):
         main(["score", "--model", str(tmp_path), "--videos", str(bad), "--refs", str(bad),
               "--out", str(tmp_path / "s.csv")])
+
+
+def test_synth_pairs_from_own_videos_with_and_without_boxes(tmp_path):
+    from idgrpo import media
+    from idgrpo.synth import World, WorldConfig
+
+    world = World(WorldConfig(frame_size=32, num_frames=9, population=12, seed=4))
+    lines = []
+    for i in range(3):
+        scene = world.scene(i)
+        media.write_video(tmp_path / f"v{i}.mp4", scene.frames, fps=8)
+        refs = []
+        for p, ref in enumerate(scene.references):
+            media.write_image(tmp_path / f"v{i}_r{p}.png", ref)
+            refs.append(f"v{i}_r{p}.png")
+        row = {"video": f"v{i}.mp4", "refs": refs, "prompt": scene.prompt}
+        if i < 2:  # the last video has no boxes: only box-free and label-preserving kinds apply
+            (tmp_path / f"v{i}_boxes.json").write_text(json.dumps(scene.boxes.tolist()))
+            row["boxes"] = f"v{i}_boxes.json"
+        lines.append(json.dumps(row))
+    source = tmp_path / "good.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "pairs"
+    main(["synth-pairs", "--source", str(source), "--out", str(out), "--pairs-per-video", "3", "--kinds", "remove",
+          "mismatch", "--box-free-kinds", "shuffle", "flicker", "photometric"])
+    rows = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    kinds_by_group = {}
+    for r in rows:
+        kinds_by_group.setdefault(r["group"], set()).add(r["kind"])
+    assert len(rows) == 9
+    boxed = [k for g, k in kinds_by_group.items() if not g.startswith("v3_")]
+    assert all(k <= {"remove", "mismatch"} for k in boxed)
+    assert kinds_by_group["v3_v2"] <= {"shuffle", "flicker", "photometric"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"video": "v0.mp4", "refs": ["v0_r0.png"], "boxes": "v0_boxes.json"}) + "\n")
+    from idgrpo.reward.data import PairDataError
+
+    with pytest.raises(PairDataError, match=r"bad.jsonl:1: boxes must be \(people=1, frames=9, 4\)"):
+        main(["synth-pairs", "--source", str(bad), "--out", str(tmp_path / "x")])

@@ -3,10 +3,12 @@ through the video?
 
     frames (B, T, S, S, 3) ─┐                       references (B, P, S, S, 3)
                             ├── shared small ViT ──┤
-       frame tokens (B, T, L, D)          reference tokens (B, P, L, D)
-                            └── cross-attention: each reference token looks for itself in each frame
-                  per reference token: [ref, found, ref*found, |ref-found|] -> match score
-                  weighted pool over the reference's tokens -> per-person, per-frame feature
+       frame tokens (B, T, L, D)          reference tokens (B, P, L, D) -> K learned parts (B, P, K, D)
+                            └── cross-attention: each reference part looks for itself in each frame
+                  per reference part: [ref, found, ref*found, |ref-found|] -> match feature
+                  weighted pool over the reference's parts -> per-person, per-frame feature
+       + presence: the reference's fine 4x4-pixel patch descriptors looked up in each frame (best cosine
+         match: how well, how evenly, and where), so a missing, replaced or swapped person shows up
                   temporal self-attention over the frames of one person -> consistency s[b, p, t]
                   per person: mix of mean and soft-min over frames; per video: mean over people
 
@@ -35,7 +37,7 @@ from idgrpo.kernels.attention import attention
 class RewardModelConfig:
     image_size: int = 32
     """Frames and references are resized to image_size x image_size."""
-    patch_size: int = 4
+    patch_size: int = 8
     """ViT patch side (image_size must be a multiple)."""
     dim: int = 64
     """Token width."""
@@ -51,10 +53,16 @@ class RewardModelConfig:
     """Longest frame sequence (size of the learned temporal position table)."""
     parts: int = 8
     """Tokens each reference is summarised into (learned queries) before searching the frames."""
+    presence_patch: int = 4
+    """Side of the fine pixel patches the presence lookup compares (image_size must be a multiple)."""
+    presence_dim: int = 32
+    """Width of the fine patch descriptors."""
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.image_size % self.presence_patch:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of presence_patch {self.presence_patch}")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not a multiple of heads {self.heads}")
         if min(self.dim, self.depth, self.heads, self.max_frames, self.parts) < 1 or self.temporal_depth < 0:
@@ -134,11 +142,14 @@ class IdentityRewardModel(nn.Module):
         self.find = Block(c.dim, c.heads, c.mlp_ratio, cross=True)  # reference parts -> frame tokens
         self.match = nn.Sequential(nn.Linear(4 * c.dim, c.dim), nn.GELU(), nn.Linear(c.dim, c.dim))
         self.token_weight = nn.Linear(c.dim, 1)
-        # Presence: best cosine match of each reference part among a frame's tokens.
-        self.presence_q = nn.Linear(c.dim, c.dim)
-        self.presence_k = nn.Linear(c.dim, c.dim)
-        self.presence_scale = nn.Parameter(torch.tensor(5.0))
-        self.presence = nn.Linear(2, c.dim)
+        # Presence: fine pixel-patch descriptors (stride presence_patch) of the reference, each looked
+        # up in every frame: how well the best match fits, and where it is (for swaps over time).
+        pd = c.presence_dim
+        self.pixel_embed = nn.Sequential(nn.Conv2d(3, pd, c.presence_patch, stride=c.presence_patch), nn.GELU(),
+                                         nn.Conv2d(pd, pd, 1))
+        self.pixel_weight = nn.Linear(pd, 1)
+        self.presence_scale = nn.Parameter(torch.tensor(10.0))
+        self.presence = nn.Linear(4, c.dim)
         self.time = nn.Parameter(torch.randn(c.max_frames, c.dim) * 0.02)
         self.temporal = nn.ModuleList(Block(c.dim, c.heads, c.mlp_ratio) for _ in range(c.temporal_depth))
         self.score_head = nn.Sequential(nn.LayerNorm(c.dim), nn.Linear(c.dim, 1))
@@ -181,11 +192,7 @@ class IdentityRewardModel(nn.Module):
         match = self.match(torch.cat([ref_n, found_n, ref_n * found_n, (ref_n - found_n).abs()], -1))
         weights = torch.softmax(self.token_weight(parts).squeeze(-1), dim=-1)  # (B, P, K)
         per_frame = torch.einsum("bpk,bptkd->bptd", weights, match)  # (B, P, T, D)
-        q = F.normalize(self.presence_q(parts), dim=-1)  # (B, P, K, D)
-        keys = F.normalize(self.presence_k(frame_tokens), dim=-1).view(b, t, n_tok, d)  # (B, T, L, D)
-        best = torch.einsum("bpkd,btld->bptkl", q, keys).amax(-1)  # (B, P, T, K)
-        presence = torch.stack([(best * weights[:, :, None]).sum(-1), best.amin(-1)], -1)  # (B, P, T, 2)
-        per_frame = (per_frame + self.presence(presence * self.presence_scale)).reshape(b * p, t, d)
+        per_frame = (per_frame + self.presence(self.find_pixels(frames, references))).reshape(b * p, t, d)
         per_frame = per_frame + self.time[:t]
         for block in self.temporal:
             per_frame = block(per_frame)
@@ -196,6 +203,32 @@ class IdentityRewardModel(nn.Module):
         mask = ref_mask.to(per_person.dtype)
         reward = (per_person * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         return {"reward": reward, "per_frame": scores, "per_person": per_person}
+
+    def find_pixels(self, frames: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+        """Look up each reference's fine patches in every frame: (B, P, T, 4) features = weighted mean
+        and weighted spread of the best cosine match, and the mean (x, y) of the matches in [-1, 1]."""
+        b, t = frames.shape[:2]
+        p = references.shape[1]
+
+        def embed(images):  # (N, S, S, 3) -> (N, G*G, Dp)
+            x = images.permute(0, 3, 1, 2).to(self.patch.weight.dtype) / 255.0 - self.mean
+            return self.pixel_embed(x).flatten(2).transpose(1, 2)
+
+        ref = embed(references.flatten(0, 1))  # (B*P, G2, Dp)
+        frame = embed(frames.flatten(0, 1))  # (B*T, G2, Dp)
+        g2, pd = ref.shape[1:]
+        grid = int(round(g2 ** 0.5))
+        weight = torch.softmax(self.pixel_weight(ref).squeeze(-1), -1).view(b, p, 1, g2)  # (B, P, 1, G2)
+        sim = torch.einsum("bpid,btjd->bptij", F.normalize(ref, dim=-1).view(b, p, g2, pd),
+                           F.normalize(frame, dim=-1).view(b, t, g2, pd))  # (B, P, T, G2 ref, G2 frame)
+        best = sim.amax(-1)  # (B, P, T, G2)
+        mean = (best * weight).sum(-1)
+        spread = ((best - mean[..., None]).abs() * weight).sum(-1)
+        where = torch.softmax(sim * self.presence_scale, -1)  # (B, P, T, G2, G2)
+        coords = torch.linspace(-1, 1, grid, device=sim.device, dtype=sim.dtype)
+        xy = torch.stack([coords.repeat(grid), coords.repeat_interleave(grid)], -1)  # (G2, 2) as (x, y)
+        position = torch.einsum("bptij,jc,bpi->bptc", where, xy, weight.squeeze(2))  # (B, P, T, 2)
+        return torch.cat([mean[..., None], spread[..., None], position], -1)
 
     @torch.no_grad()
     def score(self, frames: torch.Tensor, references: list[list[torch.Tensor]], prompts: list[str] | None = None,

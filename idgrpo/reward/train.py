@@ -61,7 +61,7 @@ class TrainRewardConfig:
     """Rao-Kupper k (> 1) of the BTT loss."""
     num_frames: int = 5
     """Frames sampled uniformly from each video."""
-    epochs: int = 30
+    epochs: int = 12
     """Passes over the training split."""
     batch_size: int = 32
     """Pairs per step (global, split across ranks)."""
