@@ -17,6 +17,45 @@ MODELS = ("toy", "tiny", "vace-1.3b", "phantom-1.3b")
 
 
 @dataclass
+class BaselineFlags:
+    """Switches that make the trainer do what the straightforward implementation of the recipe does, for the
+    end-to-end benchmark's baseline (`bench/e2e.py`). Every flag computes the same function as the default path
+    (up to float rounding); it only changes how. All off = the engine's default (fast) path."""
+
+    sdpa_attention: bool = False
+    """Policy attention through torch SDPA (`WanDiT.set_attention_impl("sdpa")`) instead of idgrpo's kernel."""
+    eager_kernels: bool = False
+    """Every idgrpo kernel op (norms, RoPE, GRPO step/loss, group advantage, attention not routed to SDPA) runs its
+    unfused eager PyTorch reference (`IDGRPO_KERNELS=reference` for the duration of the epoch)."""
+    separate_cfg_forwards: bool = False
+    """One policy forward per guidance branch (cond, then uncond) in rollout and training, instead of one forward
+    over the branches batched together."""
+    kl_reference_at_train_time: bool = False
+    """The KL anchor (the SDE mean under the reference policy) is recomputed by a reference forward during the
+    update, instead of being stored by the rollout."""
+    reward_via_files: bool = False
+    """Each decoded sample is written to an mp4 file and read back before scoring (lossless RGB H.264, so the
+    frames, hence the rewards, are unchanged)."""
+    synchronous_reward: bool = False
+    """Decode + score inline after each rollout batch (no worker thread, no overlap with sampling)."""
+
+    @classmethod
+    def all_on(cls) -> BaselineFlags:
+        """Every baseline switch on: the straightforward implementation."""
+        return cls(**{f.name: True for f in dataclasses.fields(cls)})
+
+    @property
+    def active(self) -> bool:
+        """Whether any baseline switch is on."""
+        return any(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"baseline.{f.name} must be a bool, got {getattr(self, f.name)!r}")
+
+
+@dataclass
 class GRPOConfig:
     """Identity-GRPO training: sampling, grouping, optimisation, evaluation and run bookkeeping."""
 
@@ -151,6 +190,8 @@ class GRPOConfig:
     """Compute dtype of the policy on GPU ("bfloat16" or "float32"; CPU always float32)."""
     extra: dict[str, str] = field(default_factory=dict)
     """Free-form settings passed to the reward factory (e.g. its checkpoint path)."""
+    baseline: BaselineFlags = field(default_factory=BaselineFlags)
+    """Benchmark baseline switches (all off = the fast path); each computes the same function, only slower."""
 
     def __post_init__(self):
         if self.model not in MODELS:

@@ -137,13 +137,21 @@ def _inject(latents: torch.Tensor, frames: torch.Tensor | None) -> torch.Tensor:
 
 
 def guided_velocity(policy: Policy, latents: torch.Tensor, timestep: torch.Tensor,
-                    conditioning: Conditioning) -> torch.Tensor:
+                    conditioning: Conditioning, *, separate_branches: bool = False) -> torch.Tensor:
     """The guided velocity in fp32, from one batched forward over every branch.
 
     latents (B, C, F, H, W) fp32; timestep (B,) int64 -> (B, C, F, H, W) fp32.
+    separate_branches: one forward per branch instead (the straightforward CFG; the benchmark's baseline). Same
+    function, summed in the same order.
     """
     branches = conditioning.branches
     batch = latents.shape[0]
+    if separate_branches:
+        velocity = None
+        for b in branches:
+            out = policy(_inject(latents, b.injected), timestep, **b.kwargs).float() * b.weight  # (B, ...)
+            velocity = out if velocity is None else velocity + out
+        return velocity
     model_in = torch.cat([_inject(latents, b.injected) for b in branches])  # (nb·B, C, F, H, W)
     kwargs = _concat([b.kwargs for b in branches])
     out = policy(model_in, timestep.repeat(len(branches)), **kwargs).float()  # (nb·B, ...)
@@ -273,7 +281,7 @@ class Rollout:
 def sample(policy: Policy, conditioning: Conditioning, schedule: FlowSchedule, seeds: Sequence[int],
            latent_shape: Sequence[int], *, plan: StepPlan | None = None, steps: StepSchedule | None = None,
            noise_schedule: str = "identity_grpo", noise_level: float = 0.7, reference: Policy | None = None,
-           solver: str = "sde", device=None) -> Rollout:
+           solver: str = "sde", device=None, separate_branches: bool = False) -> Rollout:
     """Run one rollout batch of len(seeds) samples.
 
     solver: "sde"  — SDE steps in `plan.window` (default: all steps), Euler elsewhere; keeps the trained steps'
@@ -281,6 +289,7 @@ def sample(policy: Policy, conditioning: Conditioning, schedule: FlowSchedule, s
             "euler" / "unipc" — deterministic ODE sampling (evaluation); no log-probs.
     latent_shape: (C, F, H, W) of one sample's latent (reference slots included).
     reference: a policy evaluated with the same guidance on the trained steps, whose SDE mean is the KL anchor.
+    separate_branches: one policy forward per guidance branch (`guided_velocity`; the benchmark's baseline).
     """
     device = torch.device(device) if device is not None else _device_of(policy)
     noise = SampleNoise(seeds, latent_shape, device)
@@ -298,7 +307,7 @@ def sample(policy: Policy, conditioning: Conditioning, schedule: FlowSchedule, s
     states, log_probs, ref_means = [], [], []
     for k in range(schedule.num_steps):
         sigma, sigma_next, std, t = steps.at(k, batch)
-        velocity = guided_velocity(policy, x, t, conditioning)
+        velocity = guided_velocity(policy, x, t, conditioning, separate_branches=separate_branches)
         if sde and k in plan.window:
             eps = noise.draw()
             x_next, log_prob, _ = grpo_step(x, velocity, sigma, sigma_next, std, eps)
@@ -306,7 +315,8 @@ def sample(policy: Policy, conditioning: Conditioning, schedule: FlowSchedule, s
                 states.append(x)
                 log_probs.append(log_prob)
                 if reference is not None:
-                    ref_velocity = guided_velocity(reference, x, t, conditioning)
+                    ref_velocity = guided_velocity(reference, x, t, conditioning,
+                                                   separate_branches=separate_branches)
                     ref_means.append(grpo_step(x, ref_velocity, sigma, sigma_next, std, eps)[2])
         else:
             x_next = euler_step(x, velocity, sigma, sigma_next)

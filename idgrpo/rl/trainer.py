@@ -38,11 +38,15 @@ import contextlib
 import copy
 import csv
 import math
+import os
 import struct
 import sys
+import tempfile
 import threading
+import time
 import traceback
 import zlib
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -54,9 +58,10 @@ from torch import nn
 
 from idgrpo.engine import FSDP, Metrics, build_optimizer, clip_grad_norm_, init_distributed
 from idgrpo.engine.checkpoint import Checkpointer, export_lora
+from idgrpo.kernels.backend import ENV_VAR as KERNELS_ENV_VAR
 from idgrpo.kernels.group_advantage import group_advantage
-from idgrpo.kernels.grpo_loss import grpo_loss
-from idgrpo.rl.config import GRPOConfig
+from idgrpo.kernels.grpo_loss import grpo_loss, grpo_step
+from idgrpo.rl.config import BaselineFlags, GRPOConfig
 from idgrpo.rl.sampler import Conditioning, Policy, StepPlan, StepSchedule, guided_velocity, sample
 from idgrpo.rl.schedules import flow_schedule
 
@@ -207,29 +212,39 @@ class RewardWorker:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") if overlap else None
         self.stream = torch.cuda.Stream(device) if (device.type == "cuda" and overlap) else None
         self.failures = 0
+        self.timed = False
+        """Benchmarks: synchronize at the end of every call and add its wall time to `busy_s` (host syncs)."""
+        self.busy_s = 0.0
         self._lock = threading.Lock()
 
-    def submit(self, latents: torch.Tensor, references: list, prompts: list) -> Future:
-        if self.pool is None:  # no overlap: score now, on this thread and stream
+    def submit(self, latents: torch.Tensor, references: list, prompts: list, *, synchronous: bool = False,
+               via_files: bool = False) -> Future:
+        """Decode + score a batch, on the worker (or now, without overlap or with `synchronous`).
+        via_files: round-trip the decoded frames through mp4 files first (`mp4_round_trip`; benchmark baseline)."""
+        if self.pool is None or synchronous:  # no overlap: score now, on this thread and stream
             future = Future()
-            future.set_result(self._run(latents, references, prompts, None))
+            future.set_result(self._run(latents, references, prompts, None, via_files, inline=True))
             return future
         ready = None
         if self.stream is not None:
             ready = torch.cuda.current_stream(self.device).record_event()
-        return self.pool.submit(self._run, latents, references, prompts, ready)
+        return self.pool.submit(self._run, latents, references, prompts, ready, via_files)
 
-    def _run(self, latents, references, prompts, ready):
+    def _run(self, latents, references, prompts, ready, via_files=False, inline=False):
         batch = latents.shape[0]
-        stream_ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        stream = None if inline else self.stream
+        stream_ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        start = time.perf_counter()
         with torch.no_grad(), stream_ctx:
             if ready is not None:
-                self.stream.wait_event(ready)
+                stream.wait_event(ready)
                 # The main thread may drop its reference while this stream still reads the latents: tell the
                 # caching allocator not to reuse their memory before this stream's pending work is done.
-                latents.record_stream(self.stream)
+                latents.record_stream(stream)
             try:
                 frames = self.decode(latents)
+                if via_files:
+                    frames = mp4_round_trip(frames)
                 rewards = self.score(frames, references, prompts)
                 rewards = torch.as_tensor(rewards, device=latents.device).float().reshape(-1)
                 if rewards.shape != (batch,):
@@ -242,7 +257,12 @@ class RewardWorker:
                     print(f"[train-grpo] reward call failed (its batch gets NaN rewards and is dropped):\n"
                           f"{traceback.format_exc()}", file=sys.stderr)
                 rewards = torch.full((batch,), float("nan"), device=latents.device)
-            done = self.stream.record_event() if self.stream is not None else None
+            done = stream.record_event() if stream is not None else None
+            if self.timed:
+                if latents.is_cuda:
+                    (stream or torch.cuda.current_stream(latents.device)).synchronize()
+                with self._lock:
+                    self.busy_s += time.perf_counter() - start
         return rewards, done
 
     def result(self, future: Future) -> torch.Tensor:
@@ -256,6 +276,59 @@ class RewardWorker:
     def close(self):
         if self.pool is not None:
             self.pool.shutdown(wait=True)
+
+
+def mp4_round_trip(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, T, H, W, 3) -> the same frames after writing each sample to an mp4 file and reading it back, as a
+    pipeline that scores saved videos does. Lossless RGB H.264 (libx264rgb, qp 0), so the frames come back exact:
+    the round trip costs what the file path costs and changes nothing else."""
+    import av
+
+    from idgrpo.media import read_video
+
+    out = torch.empty_like(frames)
+    with tempfile.TemporaryDirectory(prefix="idgrpo-reward-") as folder:
+        for i, video in enumerate(frames.cpu().numpy()):
+            path = Path(folder) / f"sample{i}.mp4"
+            with av.open(str(path), mode="w") as container:
+                stream = container.add_stream("libx264rgb", rate=16)
+                stream.width, stream.height, stream.pix_fmt = video.shape[2], video.shape[1], "rgb24"
+                stream.options = {"qp": "0"}
+                for frame in video:
+                    for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                        container.mux(packet)
+                for packet in stream.encode():
+                    container.mux(packet)
+            out[i] = read_video(path).to(frames.device)
+    return out
+
+
+class PhaseTimer:
+    """Wall seconds per named phase of an epoch, for benchmarks (`trainer.timer = PhaseTimer(device)`).
+
+    It synchronizes the main CUDA stream at each phase boundary (host syncs: never installed in training runs); the
+    reward worker's stream is not synchronized, so overlapped reward work stays overlapped."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[name] += time.perf_counter() - start
+
+    def reset(self) -> None:
+        self.seconds.clear()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -331,6 +404,50 @@ class GRPOTrainer:
         self.epoch = 0
         self.history: list[dict] = []
         self.rewards = RewardWorker(score, decode, self.device, overlap=config.overlap_reward)
+        self.timer: PhaseTimer | None = None
+        """Benchmarks only: per-phase wall times of each epoch (see `PhaseTimer`)."""
+
+    # -- baseline mode (benchmark) -------------------------------------------------------------------------------------
+
+    @property
+    def baseline(self) -> BaselineFlags:
+        """The baseline switches in force (`config.baseline`; read at every epoch, so a benchmark may change
+        `trainer.cfg` between epochs)."""
+        return self.cfg.baseline
+
+    def _phase(self, name: str):
+        return self.timer(name) if self.timer is not None else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _baseline_mode(self):
+        """Apply the epoch-wide baseline switches: SDPA attention in the policy (and a frozen reference copy) and the
+        eager reference kernels (process-wide, through IDGRPO_KERNELS); both restored afterwards."""
+        flags = self.baseline
+        restore = []
+        try:
+            if flags.sdpa_attention:
+                modules = [self.policy] + ([self.reference] if isinstance(self.reference, nn.Module) else [])
+                for module in modules:
+                    inner = module.module if isinstance(module, FSDP) else module
+                    if hasattr(inner, "set_attention_impl"):
+                        previous = getattr(getattr(inner, "config", None), "attention_impl", "idgrpo")
+                        inner.set_attention_impl("sdpa")
+                        restore.append(lambda inner=inner, previous=previous: inner.set_attention_impl(previous))
+            if flags.eager_kernels:
+                previous_env = os.environ.get(KERNELS_ENV_VAR)
+                os.environ[KERNELS_ENV_VAR] = "reference"
+
+                def restore_env(previous_env=previous_env):
+                    if previous_env is None:
+                        os.environ.pop(KERNELS_ENV_VAR, None)
+                    else:
+                        os.environ[KERNELS_ENV_VAR] = previous_env
+
+                restore.append(restore_env)
+            yield flags
+        finally:
+            for undo in reversed(restore):
+                undo()
 
     # -- one epoch -----------------------------------------------------------------------------------------------------
 
@@ -350,22 +467,32 @@ class GRPOTrainer:
                                   seed=cfg.seed, rank=self.rank, world_size=self.world_size)
         rows = [self.train_rows[i] for i in assignment.local_rows]
         seeds = assignment.local_seeds
-        conditioning = self.build_conditioning(rows)
+        flags = self.baseline
+        with self._phase("rollout"):
+            conditioning = self.build_conditioning(rows)
         plan = self.plan(epoch)
         batch = cfg.rollout_batch_size
+        # Baseline: the KL anchor is recomputed in the update rather than kept from the rollout.
+        reference = None if flags.kl_reference_at_train_time else self.reference
         states, log_probs, ref_means, pending = [], [], [], []
         for start in range(0, len(rows), batch):
             part = slice(start, min(start + batch, len(rows)))
             cond = conditioning.select(part)
-            roll = sample(self.policy, cond, self.schedule, seeds[part], self.latent_shape, plan=plan,
-                          steps=self.steps, reference=self.reference, device=self.device)
+            with self._phase("rollout"):
+                roll = sample(self.policy, cond, self.schedule, seeds[part], self.latent_shape, plan=plan,
+                              steps=self.steps, reference=reference, device=self.device,
+                              separate_branches=flags.separate_cfg_forwards)
             states.append(roll.states)
             log_probs.append(roll.log_probs)
             if roll.ref_means is not None:
                 ref_means.append(roll.ref_means)
-            pending.append(self.rewards.submit(cond.video_latents(roll.final), [r.references for r in rows[part]],
-                                               [r.prompt for r in rows[part]]))
-        rewards = torch.cat([self.rewards.result(p) for p in pending])  # (n,)
+            with self._phase("reward"):
+                pending.append(self.rewards.submit(cond.video_latents(roll.final),
+                                                   [r.references for r in rows[part]], [r.prompt for r in rows[part]],
+                                                   synchronous=flags.synchronous_reward,
+                                                   via_files=flags.reward_via_files))
+        with self._phase("reward"):  # with overlap: only the reward time the rollout did not hide
+            rewards = torch.cat([self.rewards.result(p) for p in pending])  # (n,)
         data = {"states": torch.cat(states), "log_probs": torch.cat(log_probs),
                 "ref_means": torch.cat(ref_means) if ref_means else None}
         return assignment, conditioning, plan, data, rewards
@@ -373,19 +500,23 @@ class GRPOTrainer:
     def train_epoch(self, epoch: int) -> dict:
         """Rollout, rewards, advantages, update; returns the epoch's diagnostics as floats."""
         cfg = self.cfg
-        failures_before = self.rewards.failures
-        assignment, conditioning, plan, data, rewards = self.rollout(epoch)
-        failures = torch.tensor([float(self.rewards.failures - failures_before)], device=self.device)
-        rewards_all = _all_gather_cat(rewards)  # (N,) in global sample order
-        failures_all = _all_gather_cat(failures).sum()
-        group_ids = torch.tensor(assignment.row_ids, dtype=torch.int64, device=self.device)
-        adv = group_advantage(rewards_all, group_ids, std=cfg.adv_std, clip=cfg.adv_clip,
-                              num_groups=len(set(assignment.row_ids)))
-        advantages = adv.advantages[assignment.offset: assignment.offset + assignment.count]  # (n,)
-        # The one host read between rollout and update: which samples are trained (decides the micro-batches).
-        keep_all = (adv.advantages != 0).cpu()
-        meters = _Meters(self.device)
-        self.update(epoch, plan, conditioning, data, advantages, keep_all, assignment, meters)
+        with self._baseline_mode():
+            failures_before = self.rewards.failures
+            assignment, conditioning, plan, data, rewards = self.rollout(epoch)
+            with self._phase("advantage"):
+                failures = torch.tensor([float(self.rewards.failures - failures_before)], device=self.device)
+                rewards_all = _all_gather_cat(rewards)  # (N,) in global sample order
+                failures_all = _all_gather_cat(failures).sum()
+                group_ids = torch.tensor(assignment.row_ids, dtype=torch.int64, device=self.device)
+                adv = group_advantage(rewards_all, group_ids, std=cfg.adv_std, clip=cfg.adv_clip,
+                                      num_groups=len(set(assignment.row_ids)))
+                advantages = adv.advantages[assignment.offset: assignment.offset + assignment.count]  # (n,)
+                # The one host read between rollout and update: which samples are trained (decides the
+                # micro-batches).
+                keep_all = (adv.advantages != 0).cpu()
+            meters = _Meters(self.device)
+            with self._phase("update"):
+                self.update(epoch, plan, conditioning, data, advantages, keep_all, assignment, meters)
 
         finite = torch.isfinite(rewards_all)
         count = finite.sum().clamp_min(1)
@@ -430,6 +561,9 @@ class GRPOTrainer:
         scale = world * chunks / (n_kept * K)
         local_kept = keep_local.nonzero().flatten()
         states, log_probs, ref_means = data["states"], data["log_probs"], data["ref_means"]
+        separate = self.baseline.separate_cfg_forwards
+        # Baseline: no stored anchor; a reference forward per micro-batch and step recomputes it below.
+        ref_at_train_time = ref_means is None and self.reference is not None
         padding = torch.zeros(1, dtype=torch.long, device=self.device)
         first_update_done = False
         for inner in range(cfg.inner_epochs):
@@ -452,11 +586,17 @@ class GRPOTrainer:
                     x_next = states[idx_dev, j + 1]
                     batch = x.shape[0]
                     sigma, sigma_next, std, t = self.steps.at(k, batch)
+                    if ref_at_train_time:
+                        with torch.no_grad():
+                            ref_velocity = guided_velocity(self.reference, x, t, cond, separate_branches=separate)
+                            # The SDE mean does not depend on the noise: zeros stand in for it.
+                            ref_mean = grpo_step(x, ref_velocity, sigma, sigma_next, std, torch.zeros_like(x))[2]
+                    else:
+                        ref_mean = None if ref_means is None else ref_means[idx_dev, j]
                     with sync:
-                        velocity = guided_velocity(self.policy, x, t, cond)
+                        velocity = guided_velocity(self.policy, x, t, cond, separate_branches=separate)
                         loss, stats = grpo_loss(x, x_next, velocity, log_probs[idx_dev, j], advantages[idx_dev],
-                                                sigma, sigma_next, std,
-                                                ref_mean=None if ref_means is None else ref_means[idx_dev, j],
+                                                sigma, sigma_next, std, ref_mean=ref_mean,
                                                 clip_range=cfg.clip_range, adv_clip=cfg.adv_clip,
                                                 kl_beta=cfg.kl_beta)
                         (loss * weight).backward()
