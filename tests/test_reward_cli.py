@@ -120,3 +120,20 @@ def test_synth_pairs_from_own_videos_with_and_without_boxes(tmp_path):
 
     with pytest.raises(PairDataError, match=r"bad.jsonl:1: boxes must be \(people=1, frames=9, 4\)"):
         main(["synth-pairs", "--source", str(bad), "--out", str(tmp_path / "x")])
+
+
+def _train_on_two_ranks(rank, world_size, data, out):
+    from idgrpo.reward.train import TrainRewardConfig, train_reward
+
+    config = TrainRewardConfig(data=data, out=out, held_out_fraction=0.34, batch_size=8, epochs=1, threads=1,
+                               model=RewardModelConfig(image_size=16, patch_size=8, dim=16, depth=1, heads=2, parts=2))
+    train_reward(config)
+    return json.loads((out / "eval.jsonl").read_text().splitlines()[-1]) if rank == 0 else None
+
+
+def test_train_reward_under_two_gloo_ranks(pairs_dir, tmp_path):
+    from idgrpo.testing import run_distributed
+
+    result = run_distributed(_train_on_two_ranks, 2, pairs_dir / "pairs.jsonl", tmp_path / "run2", timeout_s=120)
+    assert result[0]["epoch"] == 1 and result[0]["val_pairs"] > 0
+    assert IdentityRewardModel.load(tmp_path / "run2" / "final").config.dim == 16
