@@ -27,6 +27,12 @@ One epoch:
    accumulate (FSDP `no_sync`) over micro-batches and steps, normalised so that N ranks equal 1 rank; clip, AdamW
    (an update whose gradient norm is non-finite is undone on the device and counted), EMA of the trainable weights.
 
+Baseline mode (benchmarks only, `config.baseline`, `BaselineFlags`): switches that make an epoch run the way the
+straightforward implementation does (SDPA attention, eager reference kernels, one forward per CFG branch, the KL
+reference forward during the update, the reward read back from mp4 files, synchronous reward). Each computes the same
+function; `bench/e2e.py` times both modes on the same trainer. `trainer.timer = PhaseTimer(device)` records per-phase
+wall times (rollout / reward / advantage / update) at the cost of host syncs.
+
 Documented edge cases: a reward that is NaN/Inf gets advantage 0 (left out of its group's statistics); a reward call
 that raises gives its whole batch NaN rewards (so: dropped), is logged and counted, and `max_reward_failures` failures
 abort the run; an epoch in which every advantage is zero makes no optimizer step.
