@@ -137,3 +137,28 @@ def test_train_reward_under_two_gloo_ranks(pairs_dir, tmp_path):
     result = run_distributed(_train_on_two_ranks, 2, pairs_dir / "pairs.jsonl", tmp_path / "run2", timeout_s=120)
     assert result[0]["epoch"] == 1 and result[0]["val_pairs"] > 0
     assert IdentityRewardModel.load(tmp_path / "run2" / "final").config.dim == 16
+
+
+def test_lora_fine_tune_from_a_trained_model(pairs_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    base_args = ["train-reward", "--data", str(pairs_dir / "pairs.jsonl"), "--held-out-fraction", "0.34",
+                 "--batch-size", "8", "--threads", "1", "--epochs", "1"]
+    main([*base_args, "--out", str(tmp_path / "full"), *TINY])
+    main([*base_args, "--out", str(tmp_path / "lora"), "--init-from", str(tmp_path / "full" / "final"),
+          "--lora-rank", "2", "--lr", "1e-2"])
+    before = load_file(str(tmp_path / "full" / "final" / "reward_model.safetensors"))
+    after = load_file(str(tmp_path / "lora" / "final" / "reward_model.safetensors"))
+    assert before.keys() == after.keys()
+    assert torch.equal(before["patch.weight"], after["patch.weight"])  # frozen, not a LoRA target
+    assert not torch.equal(before["blocks.0.q.weight"], after["blocks.0.q.weight"])  # LoRA merged in
+    assert not torch.equal(before["score_head.1.weight"], after["score_head.1.weight"])  # head trained
+    assert (tmp_path / "lora" / "final_lora" / "adapter_model.safetensors").exists()
+    IdentityRewardModel.load(tmp_path / "lora" / "final")
+
+
+def test_bf16_compute_runs(pairs_dir, tmp_path):
+    main(["train-reward", "--data", str(pairs_dir / "pairs.jsonl"), "--held-out-fraction", "0.34", "--batch-size", "8",
+          "--threads", "1", "--epochs", "1", "--precision", "bf16", "--out", str(tmp_path / "bf16"), *TINY])
+    record = json.loads((tmp_path / "bf16" / "eval.jsonl").read_text().splitlines()[-1])
+    assert record["val_loss"] == record["val_loss"] and record["skipped_steps"] == 0.0

@@ -158,7 +158,7 @@ class IdentityRewardModel(nn.Module):
 
     def encode(self, images: torch.Tensor, kind: int) -> torch.Tensor:
         """images uint8 or float in 0..255, (N, S, S, 3) -> tokens (N, L, D)."""
-        x = images.permute(0, 3, 1, 2).to(self.patch.weight.dtype) / 255.0 - self.mean  # (N, 3, S, S)
+        x = (images.permute(0, 3, 1, 2).float() / 255.0 - self.mean).to(self.patch.weight.dtype)  # (N, 3, S, S)
         x = self.patch(x).flatten(2).transpose(1, 2)  # (N, L, D)
         x = x + self.position + self.is_reference[kind]
         for block in self.blocks:
@@ -211,7 +211,7 @@ class IdentityRewardModel(nn.Module):
         p = references.shape[1]
 
         def embed(images):  # (N, S, S, 3) -> (N, G*G, Dp)
-            x = images.permute(0, 3, 1, 2).to(self.patch.weight.dtype) / 255.0 - self.mean
+            x = (images.permute(0, 3, 1, 2).float() / 255.0 - self.mean).to(self.patch.weight.dtype)
             return self.pixel_embed(x).flatten(2).transpose(1, 2)
 
         ref = embed(references.flatten(0, 1))  # (B*P, G2, Dp)

@@ -71,6 +71,13 @@ class TrainRewardConfig:
     """AdamW weight decay."""
     grad_clip: float = 1.0
     """Max gradient norm."""
+    init_from: Path | None = None
+    """Start from a trained reward model directory (an <out>/final) instead of random weights."""
+    lora_rank: int = 0
+    """0: train every weight; > 0: LoRA adapters of this rank on the attention and MLP Linears (base frozen;
+    the score head stays trainable); the final model is written merged, the adapters also in PEFT format."""
+    lora_alpha: float = 0.0
+    """LoRA alpha (0: 2 * rank)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Compute dtype of the FSDP-gathered weights (master weights and optimizer state stay fp32)."""
     flip_augment: bool = True
@@ -95,6 +102,8 @@ class TrainRewardConfig:
             raise ValueError("epochs, batch_size and num_frames must be >= 1")
         if self.lr <= 0:
             raise ValueError("lr must be > 0")
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            raise ValueError("lora_rank and lora_alpha must be >= 0")
 
     def model_config(self) -> RewardModelConfig:
         return RewardModelConfig.from_name(self.preset) if self.preset else self.model
@@ -168,6 +177,18 @@ def evaluate(model, tensors, config: TrainRewardConfig, device, batch_size: int 
     return metrics
 
 
+LORA_TARGETS = ("q", "kv", "out", "mlp.0", "mlp.2")
+
+
+def _apply_lora(module: IdentityRewardModel, config: TrainRewardConfig) -> None:
+    """LoRA on every attention/MLP Linear; only the adapters and the score head train."""
+    from idgrpo.models.lora import apply_lora, mark_only_lora_trainable
+
+    apply_lora(module, config.lora_rank, config.lora_alpha or 2.0 * config.lora_rank, targets=LORA_TARGETS)
+    mark_only_lora_trainable(module)
+    module.score_head.requires_grad_(True)
+
+
 def _device(name: str, info_device: torch.device) -> torch.device:
     return info_device if name == "auto" else torch.device(name)
 
@@ -190,7 +211,9 @@ def train_reward(config: Annotated[TrainRewardConfig, tyro.conf.arg(name="")]) -
         report.reasons += val_report.reasons
     else:
         train_pairs, val_pairs = split_pairs(pairs, config.held_out_fraction, config.seed)
-    model_config = config.model_config()
+    # Loaded before the data: its config decides the image size.
+    initial = IdentityRewardModel.load(config.init_from).train() if config.init_from is not None else None
+    model_config = initial.config if initial is not None else config.model_config()
     load = dict(num_frames=config.num_frames, image_size=model_config.image_size,
                 skip_bad_rows=config.skip_bad_rows, report=report)
     train_set, val_set = load_pairs(train_pairs, **load), load_pairs(val_pairs, **load)
@@ -204,7 +227,10 @@ def train_reward(config: Annotated[TrainRewardConfig, tyro.conf.arg(name="")]) -
 
     torch.manual_seed(config.seed)
     compute_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
-    model = FSDP(IdentityRewardModel(model_config), compute_dtype=compute_dtype, device=device)
+    module = initial if initial is not None else IdentityRewardModel(model_config)
+    if config.lora_rank:
+        _apply_lora(module, config)
+    model = FSDP(module, compute_dtype=compute_dtype, device=device)
     optimizer = build_optimizer(model.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -262,7 +288,18 @@ def train_reward(config: Annotated[TrainRewardConfig, tyro.conf.arg(name="")]) -
     state = model.full_state_dict()  # a collective: every rank
     if main:
         final = IdentityRewardModel(model_config)
-        final.load_state_dict(state)
+        if config.lora_rank:
+            from idgrpo.models.lora import merge_lora, save_peft
+
+            _apply_lora(final, config)
+            final.load_state_dict(state)
+            save_peft(final, out / "final_lora")
+            merge_lora(final)
+            merged = {k: v for k, v in final.state_dict().items() if ".lora_" not in k}
+            final = IdentityRewardModel(model_config)
+            final.load_state_dict(merged)
+        else:
+            final.load_state_dict(state)
         final.save(out / "final")
         summary = {"config": json.loads(json.dumps(asdict(config), default=str)), "skipped_rows": report.skipped,
                    "final": history[-1] if history else None}
