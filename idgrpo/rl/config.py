@@ -77,7 +77,9 @@ class GRPOConfig:
     reward: str = "idgrpo.rl.toy:brightness_reward"
     """Reward factory "module:function", called as factory(config, device) -> score(frames, references, prompts).
     Resolved at run time, so the trainer never imports a reward implementation (DESIGN.md layering). Required
-    (no default) for the 1.3B presets: pass the identity reward model's factory."""
+    (no default) for the 1.3B presets: pass the identity reward model's factory,
+    `idgrpo.reward.factories:compact` (with `--extra reward_checkpoint=DIR`) or `idgrpo.reward.factories:vlm`
+    (with `--extra reward_base=DIR reward_checkpoint=DIR`)."""
     run_dir: str = "runs/grpo"
     """Metrics (JSON lines), checkpoints, LoRA (PEFT) + EMA exports, reward curve PNG and sample videos."""
 
