@@ -147,11 +147,11 @@ class DemoConfig:
     """LoRA rank on the attention projections."""
     updates_per_epoch: int = 2
     """Optimizer steps per GRPO epoch (the epoch's samples split into this many gradient accumulations)."""
-    grpo_lr: float = 1e-2
+    grpo_lr: float = 5e-3
     """AdamW learning rate of the LoRA adapters."""
     clip_range: float = 0.2
     """PPO ratio clip (large: few, big steps on a tiny model)."""
-    kl_beta: float = 0.01
+    kl_beta: float = 0.05
     """KL weight to the LoRA-free (pretrained) policy."""
 
     # --- stage 5: evaluation ----------------------------------------------------------------------------------------
