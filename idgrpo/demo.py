@@ -145,9 +145,10 @@ class DemoConfig:
     """Stochastic (and trained) steps at the start of a rollout; the rest are Euler steps (Flow-GRPO-Fast style)."""
     lora_rank: int = 16
     """LoRA rank on the attention projections."""
-    updates_per_epoch: int = 2
-    """Optimizer steps per GRPO epoch (the epoch's samples split into this many gradient accumulations)."""
-    grpo_lr: float = 5e-3
+    updates_per_epoch: int = 1
+    """Optimizer steps per GRPO epoch. Note: above 1 the samples of each step depend on the world size (the trainer
+    splits each rank's micro-batches into the steps), so 2 ranks no longer reproduce 1 rank exactly."""
+    grpo_lr: float = 1e-2
     """AdamW learning rate of the LoRA adapters."""
     clip_range: float = 0.2
     """PPO ratio clip (large: few, big steps on a tiny model)."""
