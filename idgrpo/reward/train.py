@@ -1,5 +1,6 @@
-"""`idgrpo train-reward` (pairwise preference training of the compact identity reward model) and
-`idgrpo score` (batch scoring of videos into a CSV).
+"""`idgrpo train-reward` (pairwise preference training of the compact identity reward model, or with
+`--model vlm` of the Qwen2.5-VL identity reward `VLMReward`) and `idgrpo score` (batch scoring of videos
+into a CSV).
 
 Usage:
     idgrpo synth-pairs --out runs/pairs                                  # make a synthetic pair set
@@ -7,6 +8,13 @@ Usage:
     torchrun --nproc_per_node=8 -m idgrpo train-reward --data pairs.jsonl --out runs/reward --preset base \
         --precision bf16                                                 # one node, 8 GPUs
     idgrpo score --model runs/reward/final --csv videos.csv --out scores.csv
+    torchrun --nproc_per_node=8 -m idgrpo train-reward --model vlm --vlm-base Qwen2.5-VL-3B-Instruct \
+        --data pairs.jsonl --out runs/vlm_reward --precision bf16 --batch-size 8 --lr 2e-5  # the VLM reward
+
+With `--model vlm` the published recipe trains: LoRA (rank 64, alpha 128) on every Linear of the language
+model, the score head `rm_head`, the resized embeddings and (`--train-vision`) the vision tower; the final
+model is written in the published checkpoint layout (`VLMReward.save`) under <out>/final, loadable with
+`VLMReward.from_pretrained(<vlm-base>, <out>/final)`.
 
 Each epoch ends with an evaluation on the held-out split (pairwise accuracy on non-tie pairs, three-way
 accuracy with ties under the Rao-Kupper model, loss, expected calibration error, accuracy per distortion
@@ -51,10 +59,33 @@ class TrainRewardConfig:
     """Held-out pair file; when omitted, `held_out_fraction` of the groups of --data are held out."""
     held_out_fraction: float = 0.15
     """Fraction of pair groups (source videos) held out for evaluation."""
+    architecture: Annotated[Literal["compact", "vlm"], tyro.conf.arg(name="model")] = "compact"
+    """Which reward model trains (`--model compact|vlm`): the compact identity reward (configured by
+    --preset / --model.*) or the Qwen2.5-VL reward (configured by the --vlm-* options)."""
     preset: str = ""
     """Model preset (tiny: CPU, small, base); when given it replaces the --model.* values."""
     model: RewardModelConfig = field(default_factory=RewardModelConfig)
     """Model config (defaults to the tiny preset)."""
+    vlm_base: Path | None = None
+    """--model vlm: base model directory (HF layout + tokenizer.json, e.g. Qwen2.5-VL-3B-Instruct); None: a
+    randomly initialised --vlm-preset (tests, smoke runs) with --vlm-tokenizer."""
+    vlm_preset: str = "3b"
+    """--model vlm without --vlm-base: the Qwen2.5-VL preset to initialise at random (tiny or 3b)."""
+    vlm_tokenizer: Path | None = None
+    """--model vlm: tokenizer.json (or its directory); defaults to the one in --vlm-base."""
+    train_vision: bool = True
+    """--model vlm: train the vision tower and merger too (the recipe); otherwise they stay frozen."""
+    vlm_lora_rank: int = 64
+    """--model vlm: LoRA rank on the language model's Linears."""
+    vlm_lora_alpha: float = 128.0
+    """--model vlm: LoRA alpha."""
+    vlm_image_size: int = 448
+    """--model vlm: side to which frames and references are resized when the pairs are loaded (the
+    processor then fits them to its patch grid within --vlm-max-pixels)."""
+    vlm_max_pixels: int = 399_360
+    """--model vlm: pixel budget of reference images and video frames in the processor."""
+    vlm_video_min_pixels: int = 128 * 28 * 28
+    """--model vlm: smallest frame size in pixels (smaller frames are upscaled, as qwen_vl_utils does)."""
     loss: Literal["btt", "bt"] = "btt"
     """Bradley-Terry with ties (Rao-Kupper) or plain Bradley-Terry (ties masked)."""
     ties_k: float = 5.0
@@ -104,6 +135,17 @@ class TrainRewardConfig:
             raise ValueError("lr must be > 0")
         if self.lora_rank < 0 or self.lora_alpha < 0:
             raise ValueError("lora_rank and lora_alpha must be >= 0")
+        if self.architecture == "vlm":
+            if self.init_from is not None or self.lora_rank:
+                raise ValueError("--init-from and --lora-rank are compact-model options; with --model vlm use "
+                                 "--vlm-base and --vlm-lora-rank")
+            if self.vlm_base is None and self.vlm_tokenizer is None:
+                raise ValueError("--model vlm needs --vlm-base, or --vlm-tokenizer for a random --vlm-preset")
+            if self.vlm_lora_rank < 1 or self.vlm_lora_alpha <= 0:
+                raise ValueError("vlm_lora_rank must be >= 1 and vlm_lora_alpha > 0")
+            if self.vlm_image_size < 28 or self.vlm_max_pixels < 28 * 28 or self.vlm_video_min_pixels < 1:
+                raise ValueError("vlm_image_size >= 28, vlm_max_pixels >= 784 and vlm_video_min_pixels >= 1 "
+                                 "are required")
 
     def model_config(self) -> RewardModelConfig:
         return RewardModelConfig.from_name(self.preset) if self.preset else self.model
@@ -127,6 +169,18 @@ def _batch(tensors, index, flip: torch.Tensor | None, device):
     return frames, refs, ref_mask, tensors.labels[index].to(device)
 
 
+def _rewards(model, tensors, index, frames, refs, ref_mask, config: TrainRewardConfig) -> torch.Tensor:
+    """(2N,) fp32 rewards of a `_batch` (A rows, then B rows) with either reward model."""
+    if config.architecture == "compact":
+        return model(frames, refs, ref_mask)["reward"].float()
+    # VLMReward takes each video's references as a list: the unpadded ones (counts from the host-side mask,
+    # so no device sync) and the pair's prompt.
+    counts = tensors.ref_mask[index].sum(-1).tolist() * 2
+    references = [list(refs[i, :count]) for i, count in enumerate(counts)]
+    prompts = [tensors.prompts[i] for i in index.tolist()] * 2
+    return model.rewards(frames, references, prompts)
+
+
 @torch.no_grad()
 def evaluate(model, tensors, config: TrainRewardConfig, device, batch_size: int = 64) -> dict:
     """Held-out metrics: loss, accuracy on non-tie pairs, 3-way accuracy with ties (argmax of the
@@ -137,7 +191,7 @@ def evaluate(model, tensors, config: TrainRewardConfig, device, batch_size: int 
     for start in range(0, len(tensors), batch_size):
         index = torch.arange(start, min(start + batch_size, len(tensors)))
         frames, refs, ref_mask, _ = _batch(tensors, index, None, device)
-        reward = model(frames, refs, ref_mask)["reward"].float()
+        reward = _rewards(model, tensors, index, frames, refs, ref_mask, config)
         rewards_a.append(reward[:len(index)])
         rewards_b.append(reward[len(index):])
     model.train()
@@ -189,12 +243,30 @@ def _apply_lora(module: IdentityRewardModel, config: TrainRewardConfig) -> None:
     module.score_head.requires_grad_(True)
 
 
+def _vlm_config(config: TrainRewardConfig):
+    from idgrpo.reward.vlm import VLMRewardConfig
+
+    return VLMRewardConfig(num_frames=config.num_frames, max_pixels=config.vlm_max_pixels,
+                           video_min_pixels=config.vlm_video_min_pixels, lora_rank=config.vlm_lora_rank,
+                           lora_alpha=config.vlm_lora_alpha)
+
+
+def _build_vlm(config: TrainRewardConfig, device):
+    """The VLM reward ready for training (LoRA + trainable head/embeddings/vision, the rest frozen), fp32."""
+    from idgrpo.reward.vlm import build_vlm_reward_for_training
+
+    return build_vlm_reward_for_training(config.vlm_base, _vlm_config(config), preset=config.vlm_preset,
+                                         tokenizer=config.vlm_tokenizer, train_vision=config.train_vision,
+                                         dtype=torch.float32, device=device, seed=config.seed)
+
+
 def _device(name: str, info_device: torch.device) -> torch.device:
     return info_device if name == "auto" else torch.device(name)
 
 
 def train_reward(config: Annotated[TrainRewardConfig, tyro.conf.arg(name="")]) -> int:
-    """Train the compact identity reward model on preference pairs (BTT or BT loss), on the engine:
+    """Train an identity reward model (the compact one, or `--model vlm`: the Qwen2.5-VL reward with LoRA)
+    on preference pairs (BTT or BT loss), on the engine:
     one process, or `torchrun` (gloo on CPU, NCCL on GPU) with the model wrapped in FSDP."""
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -211,10 +283,11 @@ def train_reward(config: Annotated[TrainRewardConfig, tyro.conf.arg(name="")]) -
         report.reasons += val_report.reasons
     else:
         train_pairs, val_pairs = split_pairs(pairs, config.held_out_fraction, config.seed)
+    vlm = config.architecture == "vlm"
     # Loaded before the data: its config decides the image size.
     initial = IdentityRewardModel.load(config.init_from).train() if config.init_from is not None else None
     model_config = initial.config if initial is not None else config.model_config()
-    load = dict(num_frames=config.num_frames, image_size=model_config.image_size,
+    load = dict(num_frames=config.num_frames, image_size=config.vlm_image_size if vlm else model_config.image_size,
                 skip_bad_rows=config.skip_bad_rows, report=report)
     train_set, val_set = load_pairs(train_pairs, **load), load_pairs(val_pairs, **load)
     if main:
@@ -227,10 +300,17 @@ def train_reward(config: Annotated[TrainRewardConfig, tyro.conf.arg(name="")]) -
 
     torch.manual_seed(config.seed)
     compute_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
-    module = initial if initial is not None else IdentityRewardModel(model_config)
-    if config.lora_rank:
-        _apply_lora(module, config)
-    model = FSDP(module, compute_dtype=compute_dtype, device=device)
+    if vlm:
+        # Built on the host (fp32 masters); FSDP moves the shards. One unit per vision block and per
+        # decoder layer (they sit below the top level, so the default unit search would miss them).
+        module = _build_vlm(config, "cpu").train()
+        units = [*module.backbone.visual.blocks, *module.backbone.model.layers]
+    else:
+        module = initial if initial is not None else IdentityRewardModel(model_config)
+        if config.lora_rank:
+            _apply_lora(module, config)
+        units = None
+    model = FSDP(module, units=units, compute_dtype=compute_dtype, device=device)
     optimizer = build_optimizer(model.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -260,7 +340,7 @@ def train_reward(config: Annotated[TrainRewardConfig, tyro.conf.arg(name="")]) -
                                                     device)
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * schedule(step)
-            reward = model(frames, refs, ref_mask)["reward"].float()
+            reward = _rewards(model, train_set, index, frames, refs, ref_mask, config)
             loss = _pairwise_losses(reward[:len(index)], reward[len(index):], labels, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -285,6 +365,19 @@ def train_reward(config: Annotated[TrainRewardConfig, tyro.conf.arg(name="")]) -
                 print(f"train-reward: time limit of {config.max_minutes} minutes reached after epoch {epoch + 1}")
             break
     metrics.close()
+    if vlm:
+        # With a base directory only the trained tensors are needed (the rest is the base); a random
+        # preset needs everything. A collective: every rank.
+        state = model.full_state_dict(trainable_only=config.vlm_base is not None)
+        if main:
+            final = _build_vlm(config, "cpu")
+            missing = {n for n, _ in final.named_parameters()} - set(state)
+            if config.vlm_base is None and missing:
+                raise RuntimeError(f"train-reward: parameters missing from the trained state: {sorted(missing)[:5]}")
+            final.load_state_dict(state, strict=False)
+            final.save(out / "final", base_model_name_or_path=str(config.vlm_base) if config.vlm_base else None)
+            _write_summary(out, config, report, history)
+        return 0
     state = model.full_state_dict()  # a collective: every rank
     if main:
         final = IdentityRewardModel(model_config)
@@ -301,11 +394,15 @@ def train_reward(config: Annotated[TrainRewardConfig, tyro.conf.arg(name="")]) -
         else:
             final.load_state_dict(state)
         final.save(out / "final")
-        summary = {"config": json.loads(json.dumps(asdict(config), default=str)), "skipped_rows": report.skipped,
-                   "final": history[-1] if history else None}
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        print(f"train-reward: model written to {out / 'final'}")
+        _write_summary(out, config, report, history)
     return 0
+
+
+def _write_summary(out: Path, config: TrainRewardConfig, report, history: list[dict]) -> None:
+    summary = {"config": json.loads(json.dumps(asdict(config), default=str)), "skipped_rows": report.skipped,
+               "final": history[-1] if history else None}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"train-reward: model written to {out / 'final'}")
 
 
 # ----------------------------------------------------------------------------------------
