@@ -47,7 +47,7 @@ def train_args(base_dir, pairs_file, run, *extra):
             "--vlm-max-pixels", str(PIXELS), "--vlm-video-min-pixels", str(PIXELS), "--threads", "1", *extra]
 
 
-def test_train_reward_vlm_trains_evaluates_and_writes_a_loadable_checkpoint(base_dir, pairs_file, tmp_path):
+def test_train_reward_vlm_trains_evaluates_and_writes_a_loadable_checkpoint(base_dir, pairs_file, tmp_path, capsys):
     run = tmp_path / "run"
     main(train_args(base_dir, pairs_file, run))
     evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
@@ -56,6 +56,9 @@ def test_train_reward_vlm_trains_evaluates_and_writes_a_loadable_checkpoint(base
         for key in ("train_loss", "val_loss", "val_acc_non_tie", "val_acc_with_ties", "val_ece"):
             assert torch.isfinite(torch.tensor(float(e[key]))), (key, e)
         assert e["skipped_steps"] == 0 and e["grad_norm"] > 0
+    main([*train_args(base_dir, pairs_file, run), "--epochs", "3"])  # resumes after epoch 2
+    assert "resumed after epoch 2" in capsys.readouterr().out
+    assert [json.loads(line)["epoch"] for line in (run / "eval.jsonl").read_text().splitlines()] == [1, 2, 3]
 
     final = run / "final"
     for name in ("adapter_model.safetensors", "adapter_config.json", "non_lora_state_dict.safetensors",
@@ -130,3 +133,24 @@ def test_fsdp_wrapped_vlm_reward_learns_a_batch_and_changes_only_trainable_weigh
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed <= trainable and "rm_head.weight" in changed and any(".lora_B." in n for n in changed)
     assert "backbone.model.layers.0.self_attn.q_proj.weight" not in trainable
+
+
+def _train_vlm_on_two_ranks(rank, world_size, base_dir, data, out):
+    from idgrpo.reward.train import train_reward
+
+    train_reward(TrainRewardConfig(
+        architecture="vlm", vlm_base=base_dir, data=data, out=out, held_out_fraction=0.25, batch_size=4, epochs=1,
+        threads=1, vlm_lora_rank=4, vlm_lora_alpha=8, vlm_image_size=56, vlm_max_pixels=PIXELS,
+        vlm_video_min_pixels=PIXELS, precision="bf16"))
+    return json.loads((out / "eval.jsonl").read_text().splitlines()[-1]) if rank == 0 else None
+
+
+def test_train_reward_vlm_under_two_gloo_ranks_in_bf16(base_dir, pairs_file, tmp_path):
+    from idgrpo.testing import run_distributed
+
+    result = run_distributed(_train_vlm_on_two_ranks, 2, base_dir, pairs_file, tmp_path / "run2", timeout_s=120)
+    assert result[0]["epoch"] == 1 and result[0]["skipped_steps"] == 0 and result[0]["val_pairs"] > 0
+    assert torch.isfinite(torch.tensor(result[0]["val_loss"]))
+    loaded = VLMReward.from_pretrained(base_dir, tmp_path / "run2" / "final", config=SCORE_CONFIG, dtype=torch.float32)
+    frames = torch.randint(0, 256, (1, 5, 56, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loaded.score(frames, [[frames[0, 0]]], ["a person"])).all()
