@@ -219,16 +219,11 @@ class UMT5Encoder(nn.Module):
     def load_state_dict_any(self, state_dict: dict[str, torch.Tensor], *, source: str = "state dict"):
         """Load the Wan T5 layout or HF `UMT5EncoderModel` keys (strict; HF decoder keys are ignored)."""
         state_dict = to_wan_layout(state_dict)
-        expected = self.state_dict()
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        wrong = [f"{k}: {tuple(v.shape)} != {tuple(expected[k].shape)}"
-                 for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]  # fmt: skip
-        if missing or unexpected or wrong:
-            raise ValueError(
-                f"{source}: does not match UMT5Encoder({self.config}): missing {missing[:5]} ({len(missing)}), "
-                f"unexpected {unexpected[:5]} ({len(unexpected)}), wrong shape {wrong[:5]}"
-            )
+        from idgrpo.models.weights import check_keys
+
+        check_keys({k: tuple(v.shape) for k, v in self.state_dict().items()},
+                   {k: tuple(v.shape) for k, v in state_dict.items()}, source=source,
+                   target=f"UMT5Encoder({self.config})")
         self.load_state_dict(state_dict, strict=True, assign=True)
 
     @classmethod

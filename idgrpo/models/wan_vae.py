@@ -391,16 +391,11 @@ class WanVAE(nn.Module):
         """Load original (`Wan2.1_VAE.pth`) or diffusers (`AutoencoderKLWan`) keys, strictly."""
         if any(k.startswith(("encoder.conv_in.", "quant_conv.")) for k in state_dict):
             state_dict = {diffusers_to_original_key(k, self.config): v for k, v in state_dict.items()}
-        expected = self.state_dict()
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        wrong = [f"{k}: {tuple(v.shape)} != {tuple(expected[k].shape)}"
-                 for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]  # fmt: skip
-        if missing or unexpected or wrong:
-            raise ValueError(
-                f"{source}: does not match WanVAE({self.config}): missing {missing[:5]} ({len(missing)}), "
-                f"unexpected {unexpected[:5]} ({len(unexpected)}), wrong shape {wrong[:5]}"
-            )
+        from idgrpo.models.weights import check_keys
+
+        check_keys({k: tuple(v.shape) for k, v in self.state_dict().items()},
+                   {k: tuple(v.shape) for k, v in state_dict.items()}, source=source,
+                   target=f"WanVAE({self.config})")
         self.load_state_dict(state_dict, strict=True)
 
     @classmethod
