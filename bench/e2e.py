@@ -4,6 +4,10 @@ straightforward implementation (the trainer's baseline mode), in the same run.
 Usage:
     python -m bench e2e            # VACE-1.3B recipe, one GPU (an epoch is minutes; the whole run ~8 epochs)
     python -m bench e2e --quick    # CPU: tiny presets, checks that the path runs; timings mean nothing
+    IDGRPO_E2E_REWARDS=compact IDGRPO_E2E_REPS=1 python -m bench e2e   # a subset that fits a 10-minute slot
+
+Environment: IDGRPO_E2E_REWARDS = comma list of reward models to run (compact, vlm; default both, vlm only when
+`tokenizers` is importable); IDGRPO_E2E_REPS = repetitions (default 2; the spread needs at least 2).
 
 Recipe (spec §6.3): Wan2.1-VACE-1.3B architecture with random weights + LoRA r 32 (Gaussian A, zero B),
 240x416x33 with 2 reference images (VACE context from the Wan VAE, references prepended: 11 latent frames),
@@ -44,6 +48,7 @@ import dataclasses
 import gc
 import hashlib
 import importlib.util
+import os
 import time
 
 import torch
@@ -53,7 +58,8 @@ from bench.dit import _peak, forward_flops
 from idgrpo.rl.config import BaselineFlags, GRPOConfig
 from idgrpo.rl.trainer import GRPOTrainer, PhaseTimer, PromptRow
 
-REPETITIONS = 2
+REPETITIONS = int(os.environ.get("IDGRPO_E2E_REPS", "2"))
+REWARD_MODELS = ("compact", "vlm")
 FULL = dict(wan="vace-1.3b", vae="wan2.1", compact="base", vlm="3b", height=240, width=416, num_frames=33,
             num_steps=25, group_size=8, prompts_per_epoch=4, batch=4, n_ref=2, reference_size=(336, 336),
             lora_rank=32, text_rows=512)
@@ -259,8 +265,13 @@ def main(quick: bool = False) -> list[dict]:
     small = quick or device.type != "cuda"
     recipe = QUICK if small else FULL
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rewards = [lambda: compact_reward(recipe["compact"], device, dtype)]
-    vlm = importlib.util.find_spec("tokenizers") is not None
+    chosen = [m.strip() for m in os.environ.get("IDGRPO_E2E_REWARDS", ",".join(REWARD_MODELS)).split(",") if m.strip()]
+    unknown = sorted(set(chosen) - set(REWARD_MODELS))
+    if unknown or REPETITIONS < 1:
+        raise ValueError(f"IDGRPO_E2E_REWARDS={chosen} / IDGRPO_E2E_REPS={REPETITIONS}: choose from "
+                         f"{REWARD_MODELS} and at least 1 repetition")
+    rewards = [lambda: compact_reward(recipe["compact"], device, dtype)] if "compact" in chosen else []
+    vlm = "vlm" in chosen and importlib.util.find_spec("tokenizers") is not None
     if vlm:
         rewards.append(lambda: vlm_reward(recipe["vlm"], device, dtype, small))
     rows = []
@@ -279,7 +290,8 @@ def main(quick: bool = False) -> list[dict]:
              "cfg": 4.5, "trained_steps": GRPOConfig.from_name("vace-1.3b", num_steps=recipe["num_steps"])
              .num_trained_steps, "kl_beta": 0.004, "repetitions": REPETITIONS,
              "modes": {m: dataclasses.asdict(f) for m, f in MODES.items()},
-             "vlm_reward": "qwen2.5-vl-" + recipe["vlm"] if vlm else "skipped: `tokenizers` is not importable",
+             "vlm_reward": "qwen2.5-vl-" + recipe["vlm"] if vlm else ("skipped: not chosen" if "vlm" not in chosen
+                                                                 else "skipped: `tokenizers` is not importable"),
              "flop_convention": "update: 2 x bench.dit.forward_flops per CFG branch x trained samples x trained "
                                 "steps (forward + activation-gradient backward; frozen base weights; LoRA "
                                 "matmuls, checkpoint recompute and KL reference forwards not counted)",
