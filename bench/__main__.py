@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 import time
 import traceback
@@ -36,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {BENCHMARKS}")
+    import torch
+
+    if not torch.cuda.is_available():
+        # Note: one process runs several benchmarks, and whichever imports triton first fixes
+        # interpreter mode for all of them; decide it here, before any benchmark is imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     from bench.common import format_table
 
     summary, failed = [], 0
