@@ -24,12 +24,22 @@ compression); decoding is the exact inverse. The policy is the real Wan DiT code
 this latent; nothing else changes.
 
 Note [VACE-style conditioning]: as in Wan2.1-VACE, the noise latent has one extra frame per reference in front
-(dropped before decoding) and the VACE context stream carries, per latent frame, [reference latent | inactive
-video | layout]: in the reference slots the reference image's latent; in the video slots the background with every
-person's box blanked (VACE's inpainting input `video * (1 - mask)`) and, per person p (p-th reference), a layout map
-of its box (inside-box indicator and the pixel's normalised (x, y) inside the box), folded like the latent. The
-layout is the control signal (like VACE's pose/layout controls); it also gives the oracle its exact boxes. The
-text branch sees one constant context row: the world's prompts say nothing that references and layout do not.
+(dropped before decoding) and the VACE context stream carries, per latent frame, [reference latent | guide video |
+layout]. In the reference slots: the reference image's latent and, in person p's layout channels, the layout of its
+own sprite (the tag binding reference p to person p, with the same in-box coordinates). In the video slots: the
+guide video and, per person p (p-th reference), a layout map of its box (inside-box indicator and the pixel's
+normalised (x, y) inside the box), folded like the latent. The guide (`--guide`) is, by default, a rough
+cut-and-paste composite: the background with every box blanked (VACE's inpainting input `video * (1 - mask)`)
+and each reference sprite pasted into its person's boxes, back to front. The policy still has to learn to render
+the scene from it (the background left blank inside the boxes, a clean video out of noise), and because half of
+its pretraining targets break an identity (swap, drift, blend, clone), it learns to break identities too: the
+failure GRPO has to remove. With `--guide blank` the boxes stay empty and the policy must fetch every pixel of a
+person from the reference frames through attention: the real VACE reference task, which a tiny DiT does not learn
+within a 10-minute CPU pretraining (its samples stay noise inside the boxes, oracle about 0.1). The world puts
+people on the latent's pixel grid (`WorldConfig.grid = pixel_stride`), so a sprite covers the same latent cells in
+every frame and in its reference. The layout is the control signal (like VACE's pose/layout controls); it also
+gives the oracle its exact boxes. The text branch sees one constant context row: the world's prompts say nothing
+that references and layout do not.
 
 Note [distributed]: stages 1-3 are small and run replicated on every rank (identical inputs and seeds, so
 identical weights without any communication); stage 4 is the trainer's distributed GRPO (rollouts split across
@@ -47,11 +57,14 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 import tyro
+
+GUIDES = ("composite", "blank")
+"""The guide video of the VACE context (see `vace_context_of`)."""
 
 QUICK = dict(
     reward_videos=24, pairs_per_video=6, reward_epochs=2, policy_videos=24, pretrain_steps=12, grpo_epochs=2,
@@ -113,7 +126,12 @@ class DemoConfig:
     imperfect_fraction: float = 0.5
     """Share of pretraining targets that are identity-distorted (swap, drift, blend, clone) versions."""
     pixel_stride: int = 4
-    """Pixel-unshuffle factor of the trivial latent (channels 3 * stride^2)."""
+    """Pixel-unshuffle factor of the trivial latent (channels 3 * stride^2). The world's people and references sit
+    on this pixel grid (`WorldConfig.grid`), so a person covers the same latent cells in every frame."""
+    guide: Literal["composite", "blank"] = "composite"
+    """The VACE guide video: `composite` pastes each reference into its person's boxes (a rough cut-and-paste the
+    policy must turn into the scene), `blank` leaves the boxes empty (the policy must fetch every pixel of a person
+    from the reference frames by attention: far harder; a 10-minute CPU pretraining does not learn it)."""
     policy_patch: int = 1
     """Spatial patch of the DiT's patch embedding over the latent. Note: a token must be at least as wide as the
     latent values it covers (3 * stride^2 * patch^2), or the velocity (which carries the noise) cannot pass."""
@@ -234,19 +252,57 @@ def layout_maps(boxes: torch.Tensor, size: int) -> torch.Tensor:
     return maps
 
 
-def vace_context_of(frames: torch.Tensor, boxes: torch.Tensor, references: list[torch.Tensor],
-                    stride: int) -> torch.Tensor:
-    """The VACE context of one scene: (C_vace, n_ref + T, h, w) with C_vace = 3s^2 (reference or inactive video)
-    + 3P·s^2 (layout). frames uint8 (T, H, W, 3) are only used outside every box (the background)."""
+def paste_references(canvas: torch.Tensor, boxes: torch.Tensor, references: list[torch.Tensor]) -> torch.Tensor:
+    """canvas (T, 3, H, W) in [-1, 1] with every reference sprite pasted into its person's box, back to front (the
+    rough composite of the `composite` guide). Sprites are nearest-resized to the box and clipped to the frame."""
+    from idgrpo.synth.oracle import sprite_from_reference
+
+    out = canvas.clone()
+    num_frames, _, height, width = canvas.shape
+    for p, reference in enumerate(references):
+        sprite, mask = sprite_from_reference(reference.cpu())
+        sprite = sprite.permute(2, 0, 1) / 127.5 - 1.0  # (3, h, w)
+        for t in range(num_frames):
+            x0, y0, x1, y1 = boxes[p, t].tolist()
+            if (y1 - y0, x1 - x0) != tuple(mask.shape):
+                sprite_t = F.interpolate(sprite[None], size=(y1 - y0, x1 - x0), mode="nearest")[0]
+                mask_t = F.interpolate(mask[None, None].float(), size=(y1 - y0, x1 - x0), mode="nearest")[0, 0] > 0.5
+            else:
+                sprite_t, mask_t = sprite, mask
+            cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+            if cx1 <= cx0 or cy1 <= cy0:
+                continue
+            m = mask_t[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+            region = out[t, :, cy0:cy1, cx0:cx1]
+            region[:, m] = sprite_t[:, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0][:, m]
+    return out
+
+
+def vace_context_of(frames: torch.Tensor, boxes: torch.Tensor, references: list[torch.Tensor], stride: int,
+                    guide: str = "composite") -> torch.Tensor:
+    """The VACE context of one scene: (C_vace, n_ref + T, h, w) with C_vace = 3s^2 (reference latent or guide video)
+    + 3P·s^2 (layout). frames uint8 (T, H, W, 3) are only used outside every box (the background). The guide video:
+    the background with every box blanked (`blank`, VACE's `video * (1 - mask)`), then with each reference sprite
+    pasted into its boxes (`composite`, a rough cut-and-paste of the scene); see Note [VACE-style conditioning]."""
+    from idgrpo.synth.oracle import sprite_box
+
+    if guide not in GUIDES:
+        raise ValueError(f"guide={guide!r}: expected one of {GUIDES}")
     size = frames.shape[1]
     maps = layout_maps(boxes, size)  # (T, 3P, H, W)
     in_any_box = maps[:, 0::3].amax(1, keepdim=True) > 0  # (T, 1, H, W)
     video = frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (T, 3, H, W)
     inactive = torch.where(in_any_box, 0.0, video)  # VACE's video * (1 - mask)
+    if guide == "composite":
+        inactive = paste_references(inactive, boxes, references)
     video_slots = torch.cat([F.pixel_unshuffle(inactive, stride), F.pixel_unshuffle(maps, stride)], 1)
     refs = encode_frames(torch.stack(references)[:, None], stride)[:, :, 0]  # (n_ref, C, h, w)
-    ref_slots = torch.cat([refs, refs.new_zeros(len(references), video_slots.shape[1] - refs.shape[1],
-                                                *refs.shape[2:])], 1)
+    # Reference slot p carries the layout of its own sprite in person p's channels: the tag that binds reference p
+    # to the boxes of person p, and the same in-box (x, y) coordinates, so a box pixel can find its reference pixel.
+    ref_layout = torch.zeros(len(references), maps.shape[1], size, size)
+    for p, reference in enumerate(references):
+        ref_layout[p, 3 * p:3 * p + 3] = layout_maps(sprite_box(reference.cpu())[None, None], size)[0]
+    ref_slots = torch.cat([refs, F.pixel_unshuffle(ref_layout, stride)], 1)
     return torch.cat([ref_slots, video_slots]).transpose(0, 1).contiguous()  # (C_vace, n_ref + T, h, w)
 
 
@@ -290,9 +346,9 @@ class DemoRow:
     ref_paths: list[str] = dataclasses.field(default_factory=list)
 
 
-def scene_row(scene, stride: int) -> DemoRow:
+def scene_row(scene, stride: int, guide: str = "composite") -> DemoRow:
     return DemoRow(scene.prompt, scene.references, scene.boxes,
-                   vace_context_of(scene.frames, scene.boxes, scene.references, stride), scene.frames)
+                   vace_context_of(scene.frames, scene.boxes, scene.references, stride, guide), scene.frames)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -367,15 +423,18 @@ def train_reward_model(cfg: DemoConfig, train, held_out, bar):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def build_policy(cfg: DemoConfig):
-    """The tiny Wan DiT with the VACE branch, sized for the trivial latent."""
+def build_policy(cfg: DemoConfig, device: torch.device | None = None):
+    """The tiny Wan DiT with the VACE branch, sized for the trivial latent. Attention: our kernel on CUDA; on a CPU
+    torch's SDPA (its fused CPU kernel), since our op's CPU path is the plain-PyTorch reference (the tests' oracle,
+    with explicit masks and fp32 score matrices) and about 1.5x slower for the demo's whole pretraining step."""
     from idgrpo.models.wan_dit import WanConfig, WanDiT
 
     channels = 3 * cfg.pixel_stride**2
     wan = WanConfig.from_name("tiny-vace", dim=cfg.policy_dim, ffn_dim=2 * cfg.policy_dim, num_heads=2,
                               num_layers=cfg.policy_layers, vace_layers=tuple(sorted({0, 1, cfg.policy_layers - 1})),
                               in_dim=channels, out_dim=channels, vace_in_dim=channels * (1 + cfg.num_people),
-                              text_dim=32, text_len=1, patch_size=(1, cfg.policy_patch, cfg.policy_patch))
+                              text_dim=32, text_len=1, patch_size=(1, cfg.policy_patch, cfg.policy_patch),
+                              attention_impl="idgrpo" if device is not None and device.type == "cuda" else "sdpa")
     torch.manual_seed(cfg.seed + 1)
     return WanDiT(wan).init_weights()
 
@@ -515,7 +574,7 @@ def demo(config: Annotated[DemoConfig, tyro.conf.arg(name="")]) -> int:
     # -- 1. the world's data -----------------------------------------------------------------------------------------
     t0 = time.monotonic()
     world = World(WorldConfig(frame_size=cfg.frame_size, num_frames=cfg.num_frames, num_people=cfg.num_people,
-                              population=cfg.population, seed=cfg.seed))
+                              population=cfg.population, seed=cfg.seed, grid=cfg.pixel_stride))
     n_pair, n_policy, n_grpo, n_eval = cfg.reward_videos, cfg.policy_videos, cfg.grpo_prompts, cfg.eval_prompts
     total = n_pair + n_policy + n_grpo + n_eval
     bar = progress(total=total + n_policy, desc="1/5 world data", rank=rank, leave=True)
@@ -544,9 +603,9 @@ def demo(config: Annotated[DemoConfig, tyro.conf.arg(name="")]) -> int:
                                                    pairs_per_video=cfg.pairs_per_video, seed=cfg.seed + 1)
     train_set = pair_tensors(train_pairs, store_train, refs_train, cfg.reward_frames)
     held_set = pair_tensors(held_pairs, store_held, refs_held, cfg.reward_frames)
-    policy_rows = [scene_row(s, cfg.pixel_stride) for s in policy_scenes]
-    grpo_rows = [scene_row(s, cfg.pixel_stride) for s in grpo_scenes]
-    eval_rows = [scene_row(s, cfg.pixel_stride) for s in eval_scenes]
+    policy_rows = [scene_row(s, cfg.pixel_stride, cfg.guide) for s in policy_scenes]
+    grpo_rows = [scene_row(s, cfg.pixel_stride, cfg.guide) for s in grpo_scenes]
+    eval_rows = [scene_row(s, cfg.pixel_stride, cfg.guide) for s in eval_scenes]
     timings["data_s"] = time.monotonic() - t0
     log(f"demo: {len(train_set)} training / {len(held_set)} held-out preference pairs, {n_policy} pretraining "
         f"videos ({cfg.imperfect_fraction:.0%} imperfect), {n_grpo} GRPO rows, {n_eval} held-out eval rows")
@@ -566,7 +625,7 @@ def demo(config: Annotated[DemoConfig, tyro.conf.arg(name="")]) -> int:
 
     # -- 3. policy pretraining ---------------------------------------------------------------------------------------
     t0 = time.monotonic()
-    policy = build_policy(cfg)
+    policy = build_policy(cfg, device)
     bar = progress(total=cfg.pretrain_steps, desc="3/5 policy pretraining (flow matching)", rank=rank, leave=True)
     pretrain_losses = pretrain_policy(cfg, policy, policy_rows, policy_targets, bar)
     bar.close()

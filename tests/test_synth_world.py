@@ -104,3 +104,22 @@ def test_oracle_validates_inputs(world):
         oracle_consistency(scene.frames, scene.boxes, [blank, blank])
     with pytest.raises(ValueError, match="num_people"):
         WorldConfig(num_people=4)
+
+
+def test_grid_snaps_people_and_references_to_latent_cells():
+    from idgrpo.synth.oracle import sprite_box
+
+    for grid in (2, 4):
+        world = World(WorldConfig(frame_size=32, num_frames=9, num_people=3, population=24, seed=7, grid=grid))
+        for index in range(6):
+            scene = world.scene(index)
+            assert (scene.boxes[..., :2] % grid == 0).all()  # every top-left corner on the grid
+            assert (scene.boxes[..., 2:] <= 32).all() and (scene.boxes[..., :2] >= 0).all()
+            assert oracle_consistency(scene.frames, scene.boxes, scene.references).video == 1.0
+            for reference in scene.references:
+                assert (sprite_box(reference)[:2] % grid == 0).all()
+    # grid=1 is the default and leaves the world as it was: some corner off every coarser grid.
+    scenes = [World(WorldConfig(frame_size=32, num_frames=9, seed=7)).scene(i) for i in range(6)]
+    assert any((s.boxes[..., :2] % 2 != 0).any() for s in scenes)
+    with pytest.raises(ValueError, match="grid"):
+        WorldConfig(frame_size=32, grid=16)

@@ -31,13 +31,20 @@ class OracleScore:
     """(P, T) per-frame scores, NaN where the person was (almost) hidden."""
 
 
-def sprite_from_reference(reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crop a reference image (h, w, 3) uint8 to its sprite: (sprite (h', w', 3) float, mask (h', w') bool)."""
+def sprite_box(reference: torch.Tensor) -> torch.Tensor:
+    """The int64 (x0, y0, x1, y1) box (exclusive ends) of the sprite in a reference image (h, w, 3) uint8: the
+    pixels off `REFERENCE_BACKGROUND`."""
     mask = (reference != torch.tensor(REFERENCE_BACKGROUND, dtype=reference.dtype)).any(-1)
     if not mask.any():
         raise ValueError("reference image has no pixel off the reference background: no sprite to compare with")
     rows, cols = mask.any(1).nonzero().squeeze(1), mask.any(0).nonzero().squeeze(1)
-    y0, y1, x0, x1 = rows[0].item(), rows[-1].item() + 1, cols[0].item(), cols[-1].item() + 1
+    return torch.stack([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]).long()
+
+
+def sprite_from_reference(reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop a reference image (h, w, 3) uint8 to its sprite: (sprite (h', w', 3) float, mask (h', w') bool)."""
+    x0, y0, x1, y1 = sprite_box(reference).tolist()
+    mask = (reference != torch.tensor(REFERENCE_BACKGROUND, dtype=reference.dtype)).any(-1)
     return reference[y0:y1, x0:x1].float(), mask[y0:y1, x0:x1]
 
 

@@ -117,12 +117,13 @@ def make_identity(seed: int, frame_size: int = 32) -> Identity:
                     sprite.astype(np.uint8), mask)
 
 
-def render_reference(identity: Identity, size: int) -> torch.Tensor:
-    """The identity alone, centred on the plain reference backdrop: uint8 (size, size, 3)."""
+def render_reference(identity: Identity, size: int, grid: int = 1) -> torch.Tensor:
+    """The identity alone, centred on the plain reference backdrop: uint8 (size, size, 3). The sprite's top-left
+    corner is rounded down to a multiple of `grid` (see `WorldConfig.grid`)."""
     image = np.empty((size, size, 3), np.uint8)
     image[:] = REFERENCE_BACKGROUND
     h, w = identity.mask.shape
-    y0, x0 = (size - h) // 2, (size - w) // 2
+    y0, x0 = (size - h) // 2 // grid * grid, (size - w) // 2 // grid * grid
     region = image[y0:y0 + h, x0:x0 + w]
     region[identity.mask] = identity.sprite[identity.mask]
     return torch.from_numpy(image)
@@ -157,6 +158,10 @@ class WorldConfig:
     """Distinct identities the scenes draw from."""
     seed: int = 0
     """Everything (identities, paths, backgrounds) is a function of this seed."""
+    grid: int = 1
+    """Sprite top-left corners (in scenes and references) sit on multiples of this many pixels. 1: anywhere.
+    `idgrpo demo` sets its latent's pixel stride, so a person's pixels fall into latent cells the same way in every
+    frame and in the reference (people then move in steps of `grid` pixels)."""
 
     def __post_init__(self):
         if self.frame_size < 24:
@@ -167,6 +172,8 @@ class WorldConfig:
             raise ValueError(f"num_people must be 1, 2 or 3, got {self.num_people}")
         if self.population < self.num_people:
             raise ValueError(f"population ({self.population}) must be >= num_people ({self.num_people})")
+        if not 1 <= self.grid <= self.frame_size // 4:
+            raise ValueError(f"grid must be in [1, frame_size / 4], got {self.grid}")
 
 
 @dataclass
@@ -190,7 +197,7 @@ class World:
         self.identities = [make_identity(c.seed * 100_003 + i, c.frame_size) for i in range(c.population)]
 
     def reference(self, identity_id: int) -> torch.Tensor:
-        return render_reference(self.identities[identity_id], self.config.frame_size)
+        return render_reference(self.identities[identity_id], self.config.frame_size, self.config.grid)
 
     def background(self, rng: np.random.Generator) -> np.ndarray:
         size = self.config.frame_size
@@ -221,8 +228,9 @@ class World:
             sway = rng.uniform(0.5, 2.0) * np.sin(2 * np.pi * (rng.uniform(0.5, 1.0) * t + rng.uniform()))
             x = start + (end - start) * (3 * t**2 - 2 * t**3)  # eased start and stop
             y = base_y + sway
-            positions[p, :, 0] = np.clip(np.round(x), 0, max_x)
-            positions[p, :, 1] = np.clip(np.round(y), 0, max_y)
+            g = c.grid
+            positions[p, :, 0] = np.clip(np.round(x / g) * g, 0, max_x // g * g)
+            positions[p, :, 1] = np.clip(np.round(y / g) * g, 0, max_y // g * g)
         return positions
 
     def scene(self, index: int) -> Scene:
