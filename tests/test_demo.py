@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from idgrpo.demo import DemoConfig, decode_latents, demo, encode_frames, layout_maps, vace_context_of
+from idgrpo.media import read_image
 from idgrpo.testing import run_distributed
 
 
@@ -93,6 +94,10 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert all(math.isfinite(v) for v in summary["grpo"]["train_reward"])
     assert summary["pretrain"]["last_loss"] < summary["pretrain"]["first_loss"] * 1.5
     assert (tmp_path / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sheet = read_image(tmp_path / "before_after.png")
+    cfg = DemoConfig(quick=True)
+    shown = min(cfg.gif_videos, cfg.eval_prompts)
+    assert sheet.shape[0] == 3 * (shown * cfg.frame_size + (shown - 1) * 4)
     for name in ("sample0_before.gif", "sample0_after.gif", "sample0_refs_before_after.gif"):
         assert (tmp_path / name).read_bytes()[:6] in (b"GIF89a", b"GIF87a")
     assert (tmp_path / "reward_model" / "reward_model.safetensors").is_file()
