@@ -257,26 +257,15 @@ def layout_maps(boxes: torch.Tensor, size: int) -> torch.Tensor:
 def paste_references(canvas: torch.Tensor, boxes: torch.Tensor, references: list[torch.Tensor]) -> torch.Tensor:
     """canvas (T, 3, H, W) in [-1, 1] with every reference sprite pasted into its person's box, back to front (the
     rough composite of the `composite` guide). Sprites are nearest-resized to the box and clipped to the frame."""
-    from idgrpo.synth.oracle import sprite_from_reference
+    from idgrpo.synth.oracle import place_sprite, sprite_from_reference
 
     out = canvas.clone()
     num_frames, _, height, width = canvas.shape
     for p, reference in enumerate(references):
         sprite, mask = sprite_from_reference(reference.cpu())
-        sprite = sprite.permute(2, 0, 1) / 127.5 - 1.0  # (3, h, w)
         for t in range(num_frames):
-            x0, y0, x1, y1 = boxes[p, t].tolist()
-            if (y1 - y0, x1 - x0) != tuple(mask.shape):
-                sprite_t = F.interpolate(sprite[None], size=(y1 - y0, x1 - x0), mode="nearest")[0]
-                mask_t = F.interpolate(mask[None, None].float(), size=(y1 - y0, x1 - x0), mode="nearest")[0, 0] > 0.5
-            else:
-                sprite_t, mask_t = sprite, mask
-            cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
-            if cx1 <= cx0 or cy1 <= cy0:
-                continue
-            m = mask_t[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
-            region = out[t, :, cy0:cy1, cx0:cx1]
-            region[:, m] = sprite_t[:, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0][:, m]
+            full, placed = place_sprite(sprite, mask, boxes[p, t].tolist(), height, width)
+            out[t][:, full] = placed[full].T / 127.5 - 1.0
     return out
 
 

@@ -31,29 +31,50 @@ class OracleScore:
     """(P, T) per-frame scores, NaN where the person was (almost) hidden."""
 
 
-def sprite_box(reference: torch.Tensor) -> torch.Tensor:
-    """The int64 (x0, y0, x1, y1) box (exclusive ends) of the sprite in a reference image (h, w, 3) uint8: the
-    pixels off `REFERENCE_BACKGROUND`."""
+def _sprite_mask(reference: torch.Tensor) -> torch.Tensor:
     mask = (reference != torch.tensor(REFERENCE_BACKGROUND, dtype=reference.dtype)).any(-1)
     if not mask.any():
         raise ValueError("reference image has no pixel off the reference background: no sprite to compare with")
+    return mask
+
+
+def _box_of(mask: torch.Tensor) -> torch.Tensor:
     rows, cols = mask.any(1).nonzero().squeeze(1), mask.any(0).nonzero().squeeze(1)
     return torch.stack([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]).long()
 
 
+def sprite_box(reference: torch.Tensor) -> torch.Tensor:
+    """The int64 (x0, y0, x1, y1) box (exclusive ends) of the sprite in a reference image (h, w, 3) uint8: the
+    pixels off `REFERENCE_BACKGROUND`."""
+    return _box_of(_sprite_mask(reference))
+
+
 def sprite_from_reference(reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Crop a reference image (h, w, 3) uint8 to its sprite: (sprite (h', w', 3) float, mask (h', w') bool)."""
-    x0, y0, x1, y1 = sprite_box(reference).tolist()
-    mask = (reference != torch.tensor(REFERENCE_BACKGROUND, dtype=reference.dtype)).any(-1)
+    mask = _sprite_mask(reference)
+    x0, y0, x1, y1 = _box_of(mask).tolist()
     return reference[y0:y1, x0:x1].float(), mask[y0:y1, x0:x1]
 
 
-def _fit(sprite: torch.Tensor, mask: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if sprite.shape[:2] == (h, w):
-        return sprite, mask
-    sprite = F.interpolate(sprite.permute(2, 0, 1)[None], size=(h, w), mode="nearest")[0].permute(1, 2, 0)
-    mask = F.interpolate(mask[None, None].float(), size=(h, w), mode="nearest")[0, 0] > 0.5
-    return sprite, mask
+def place_sprite(sprite: torch.Tensor, mask: torch.Tensor, box: list[int], height: int,
+                 width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cropped sprite (h', w', 3) float with its mask (h', w') bool, nearest-resized to `box` (x0, y0, x1, y1) and
+    clipped to a (height, width) frame: (frame-sized mask (H, W) bool, frame-sized sprite (H, W, 3) float)."""
+    x0, y0, x1, y1 = box
+    full = torch.zeros(height, width, dtype=torch.bool)
+    placed = torch.zeros(height, width, 3)
+    if x1 <= x0 or y1 <= y0:
+        return full, placed
+    if sprite.shape[:2] != (y1 - y0, x1 - x0):
+        sprite = F.interpolate(sprite.permute(2, 0, 1)[None], size=(y1 - y0, x1 - x0),
+                               mode="nearest")[0].permute(1, 2, 0)
+        mask = F.interpolate(mask[None, None].float(), size=(y1 - y0, x1 - x0), mode="nearest")[0, 0] > 0.5
+    # Clip the box to the frame; the sprite is cut the same way.
+    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+    if cx1 > cx0 and cy1 > cy0:
+        full[cy0:cy1, cx0:cx1] = mask[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+        placed[cy0:cy1, cx0:cx1] = sprite[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+    return full, placed
 
 
 def oracle_consistency(frames: torch.Tensor, boxes: torch.Tensor, references: list[torch.Tensor], *,
@@ -72,19 +93,7 @@ def oracle_consistency(frames: torch.Tensor, boxes: torch.Tensor, references: li
     per_frame = torch.full((num_people, num_frames), float("nan"))
     for t in range(num_frames):
         # Frame-sized masks of each person's sprite, to know what nearer people hide.
-        placed = []
-        for p in range(num_people):
-            x0, y0, x1, y1 = boxes[p, t].tolist()
-            full = torch.zeros(height, width, dtype=torch.bool)
-            sprite = torch.zeros(height, width, 3)
-            if x1 > x0 and y1 > y0:
-                s, m = _fit(*sprites[p], y1 - y0, x1 - x0)
-                # Clip the box to the frame; the sprite is cut the same way.
-                cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
-                if cx1 > cx0 and cy1 > cy0:
-                    full[cy0:cy1, cx0:cx1] = m[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
-                    sprite[cy0:cy1, cx0:cx1] = s[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
-            placed.append((full, sprite))
+        placed = [place_sprite(*sprites[p], boxes[p, t].tolist(), height, width) for p in range(num_people)]
         hidden = torch.zeros(height, width, dtype=torch.bool)
         for p in reversed(range(num_people)):  # front to back
             full, sprite = placed[p]
