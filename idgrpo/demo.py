@@ -166,8 +166,8 @@ class DemoConfig:
     lora_rank: int = 16
     """LoRA rank on the attention projections."""
     updates_per_epoch: int = 1
-    """Optimizer steps per GRPO epoch. Note: above 1 the samples of each step depend on the world size (the trainer
-    splits each rank's micro-batches into the steps), so 2 ranks no longer reproduce 1 rank exactly."""
+    """Optimizer steps per GRPO epoch (each on its own share of the epoch's samples, the same share at any world
+    size)."""
     grpo_lr: float = 3e-3
     """AdamW learning rate of the LoRA adapters."""
     clip_range: float = 0.2

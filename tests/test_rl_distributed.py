@@ -1,5 +1,6 @@
 """N ranks equal 1 rank for the same global batch: sharded trainable weights (full fine-tuning) and replicated LoRA
-adapters, with a NaN-reward row so that ranks keep different numbers of samples (weight-0 padding passes)."""
+adapters, with a NaN-reward row so that ranks keep different numbers of samples (weight-0 padding passes), and with
+several optimizer steps per epoch (each step's samples are cut from one global order, whatever the world size)."""
 
 import pytest
 import torch
@@ -18,10 +19,11 @@ def _nan_for_prompt_1(frames, refs, prompts):
     return torch.where(torch.tensor([p == "prompt 1" for p in prompts]), torch.full_like(r, float("nan")), r)
 
 
-def _train(run_dir, lora: bool, epochs: int = 3, resume: bool = False) -> dict:
+def _train(run_dir, lora: bool, epochs: int = 3, resume: bool = False, updates: int = 1) -> dict:
     cfg = GRPOConfig.from_name("tiny", run_dir=run_dir, resume=resume, epochs=epochs, eval_every=0, save_every=1000,
                                prompts_per_epoch=2, group_size=4, rollout_batch_size=2, train_batch_size=1,
-                               kl_beta=0.004, reference="lora", guidance=2.0, inner_epochs=2)
+                               kl_beta=0.004, reference="lora", guidance=2.0, inner_epochs=2,
+                               updates_per_epoch=updates)
     policy = ToyFlowPolicy(SHAPE, seed=1)
     if lora:  # real LoRALinear adapters on the base projection: replicated by FSDP, KL via disable_lora
         torch.manual_seed(0)  # the adapters' gaussian init draws from the global RNG
@@ -36,7 +38,8 @@ def _train(run_dir, lora: bool, epochs: int = 3, resume: bool = False) -> dict:
     return {"rewards": [h["reward_mean"] for h in history], "dropped": [h["dropped"] for h in history],
             "kl": [h["kl"] for h in history], "ratio": [h["max_abs_ratio_minus_1_before_update"] for h in history],
             "state": {k: v.tolist() for k, v in state.items()},  # plain lists: tensors do not outlive the worker
-            "replicated": [g.replicated for g in trainer.policy.groups if g.trainable]}
+            "replicated": [g.replicated for g in trainer.policy.groups if g.trainable],
+            "steps": trainer.optimizer_steps}
 
 
 def _two_epochs_sharded(rank, world_size, run_dir):
@@ -44,13 +47,16 @@ def _two_epochs_sharded(rank, world_size, run_dir):
 
 
 def _both(rank, world_size, run_dir):
-    return {"sharded": _train(f"{run_dir}/sharded", lora=False), "lora": _train(f"{run_dir}/lora", lora=True)}
+    # 3 optimizer steps per inner epoch over 5 to 8 kept samples: uneven chunks, some a rank has no sample of.
+    return {"sharded": _train(f"{run_dir}/sharded", lora=False), "lora": _train(f"{run_dir}/lora", lora=True),
+            "chunks": _train(f"{run_dir}/chunks", lora=True, updates=3)}
 
 
 def test_two_ranks_equal_one_rank(tmp_path):
     one = run_distributed(_both, 1, str(tmp_path / "w1"), timeout_s=150)[0]
     two = run_distributed(_both, 2, str(tmp_path / "w2"), timeout_s=150)
-    for variant, replicated in (("sharded", False), ("lora", True)):
+    assert one["chunks"]["steps"] > 2 * one["lora"]["steps"]  # several optimizer steps per inner epoch
+    for variant, replicated in (("sharded", False), ("lora", True), ("chunks", True)):
         ref = one[variant]
         assert ref["replicated"] == [replicated]
         assert sum(ref["dropped"]) > 0  # the NaN row was drawn: uneven kept samples per rank
@@ -60,6 +66,7 @@ def test_two_ranks_equal_one_rank(tmp_path):
             got = result[variant]
             assert got["replicated"] == [replicated]
             assert got["dropped"] == ref["dropped"]
+            assert got["steps"] == ref["steps"]
             assert got["rewards"] == pytest.approx(ref["rewards"], rel=1e-5, abs=1e-6)
             for k, v in ref["state"].items():
                 torch.testing.assert_close(torch.tensor(got["state"][k]), torch.tensor(v), rtol=1e-5, atol=1e-6)

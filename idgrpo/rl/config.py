@@ -130,7 +130,9 @@ class GRPOConfig:
     inner_epochs: int = 1
     """Passes of the update over one epoch's samples."""
     updates_per_epoch: int = 1
-    """Optimizer steps per inner epoch (gradients accumulate over the micro-batches and trained steps between)."""
+    """Optimizer steps per inner epoch: the kept samples, in one seeded global order, are cut into this many shares
+    (at most one per sample), and each step's gradient is the mean over its share and the trained steps. The shares do
+    not depend on the number of ranks, so N ranks take the optimizer steps of 1 rank."""
 
     # --- optimisation -----------------------------------------------------------------------------------------------
     lr: float = 1e-4

@@ -550,22 +550,22 @@ class GRPOTrainer:
         return record
 
     def update(self, epoch, plan, conditioning, data, advantages, keep_all, assignment, meters) -> None:
+        """The clipped GRPO update over the epoch's kept samples, `inner_epochs` passes of `updates_per_epoch`
+        optimizer steps each. Note [world-size invariance]: every rank draws the same permutation of the *global*
+        kept samples and cuts it into the same `chunks` (one per optimizer step); a rank trains the samples of a chunk
+        that it rolled out, in micro-batches of train_batch_size, and runs weight-0 passes when it has fewer
+        micro-batches than the busiest rank. Each step's gradient is the mean over its chunk's samples and trained
+        steps, whatever the number of ranks, so N ranks take the optimizer steps of 1 rank."""
         cfg = self.cfg
         world, n_local = self.world_size, assignment.count
-        keep_local = keep_all[assignment.offset: assignment.offset + n_local]
-        kept_per_rank = keep_all.view(world, n_local).sum(1).tolist()
-        n_kept = sum(kept_per_rank)
+        kept = keep_all.nonzero().flatten()  # global sample ids, on the host (the same on every rank)
+        n_kept = kept.numel()
         if n_kept == 0:
             return  # every advantage is zero: nothing to learn from this epoch (counted in `dropped`)
         mb = cfg.train_batch_size
-        num_micro = max(math.ceil(k / mb) for k in kept_per_rank)  # identical on every rank
-        chunks = min(cfg.updates_per_epoch, num_micro)
+        chunks = min(cfg.updates_per_epoch, n_kept)
         trained = list(plan.trained)
         K = len(trained)
-        # Gradient = Σ over kept samples and trained steps of the per-sample loss / (n_kept·K / chunks); the FSDP
-        # reduction averages over ranks, hence the factor `world`.
-        scale = world * chunks / (n_kept * K)
-        local_kept = keep_local.nonzero().flatten()
         states, log_probs, ref_means = data["states"], data["log_probs"], data["ref_means"]
         separate = self.baseline.separate_cfg_forwards
         # Baseline: no stored anchor; a reference forward per micro-batch and step recomputes it below.
@@ -573,53 +573,61 @@ class GRPOTrainer:
         padding = torch.zeros(1, dtype=torch.long, device=self.device)
         first_update_done = False
         for inner in range(cfg.inner_epochs):
-            gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) * 997 + inner * 31 + self.rank)
-            order = local_kept[torch.randperm(local_kept.numel(), generator=gen)]
+            gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) * 997 + inner * 31)
+            order = kept[torch.randperm(n_kept, generator=gen)]
+            parts = [order[c * n_kept // chunks:(c + 1) * n_kept // chunks] for c in range(chunks)]
+            mine = [part[part // n_local == self.rank] - assignment.offset for part in parts]  # local indices
             # One host-to-device copy per inner epoch; the micro-batches are device slices of it (no syncs).
-            order_dev = (order.pin_memory() if self.device.type == "cuda" else order).to(self.device,
-                                                                                         non_blocking=True)
-            for i in range(num_micro):
-                size = max(0, min(mb, order.numel() - i * mb))
-                weight = scale * size
-                # A rank out of kept samples runs a weight-0 pass on sample 0, so the collectives stay matched.
-                idx_dev = order_dev[i * mb: i * mb + size] if size else padding
-                cond = conditioning.select(idx_dev)
-                last_in_chunk = (i + 1) * chunks // num_micro != i * chunks // num_micro or i == num_micro - 1
-                for j, k in enumerate(trained):
-                    final_backward = last_in_chunk and j == K - 1
-                    sync = contextlib.nullcontext() if final_backward else self.policy.no_sync()
-                    x = states[idx_dev, j]
-                    x_next = states[idx_dev, j + 1]
-                    batch = x.shape[0]
-                    sigma, sigma_next, std, t = self.steps.at(k, batch)
-                    if ref_at_train_time:
-                        with torch.no_grad():
-                            ref_velocity = guided_velocity(self.reference, x, t, cond, separate_branches=separate)
-                            # The SDE mean does not depend on the noise: zeros stand in for it.
-                            ref_mean = grpo_step(x, ref_velocity, sigma, sigma_next, std, torch.zeros_like(x))[2]
-                    else:
-                        ref_mean = None if ref_means is None else ref_means[idx_dev, j]
-                    with sync:
-                        velocity = guided_velocity(self.policy, x, t, cond, separate_branches=separate)
-                        loss, stats = grpo_loss(x, x_next, velocity, log_probs[idx_dev, j], advantages[idx_dev],
-                                                sigma, sigma_next, std, ref_mean=ref_mean,
-                                                clip_range=cfg.clip_range, adv_clip=cfg.adv_clip,
-                                                kl_beta=cfg.kl_beta)
-                        (loss * weight).backward()
-                    # Every rank meters the same names in the same order (weight 0 for padding passes).
-                    real = batch if weight > 0 else 0
-                    meters.add("loss", loss, real)
-                    meters.add("clipfrac", stats["clipfrac"], real)
-                    meters.add("approx_kl", stats["approx_kl"], real)
-                    meters.add("kl", stats["kl"].mean(), real)
-                    deviation = (stats["ratio"] - 1).abs().max()
-                    if inner == 0:
-                        meters.max("max_abs_ratio_minus_1_first_inner", deviation, real)
-                    # Before the first optimizer step the policy is the rollout policy: this must be ~0.
-                    meters.max("max_abs_ratio_minus_1_before_update", deviation, 0 if first_update_done else real)
-                if last_in_chunk:
-                    self._optimizer_step(meters)
-                    first_update_done = True
+            flat = torch.cat(mine)
+            flat_dev = (flat.pin_memory() if self.device.type == "cuda" else flat).to(self.device, non_blocking=True)
+            start = 0
+            for part, local in zip(parts, mine, strict=True):
+                num_micro = math.ceil(int(torch.bincount(part // n_local, minlength=world).max()) / mb)
+                # Gradient = Σ over the chunk's samples and trained steps of the per-sample loss / (n_chunk·K); the
+                # FSDP reduction averages over ranks, hence the factor `world`.
+                scale = world / (part.numel() * K)
+                order_dev = flat_dev[start:start + local.numel()]
+                start += local.numel()
+                for i in range(num_micro):
+                    size = max(0, min(mb, local.numel() - i * mb))
+                    weight = scale * size
+                    # A rank out of kept samples runs a weight-0 pass on sample 0, so the collectives stay matched.
+                    idx_dev = order_dev[i * mb: i * mb + size] if size else padding
+                    cond = conditioning.select(idx_dev)
+                    for j, k in enumerate(trained):
+                        final_backward = i == num_micro - 1 and j == K - 1
+                        sync = contextlib.nullcontext() if final_backward else self.policy.no_sync()
+                        x = states[idx_dev, j]
+                        x_next = states[idx_dev, j + 1]
+                        batch = x.shape[0]
+                        sigma, sigma_next, std, t = self.steps.at(k, batch)
+                        if ref_at_train_time:
+                            with torch.no_grad():
+                                ref_velocity = guided_velocity(self.reference, x, t, cond, separate_branches=separate)
+                                # The SDE mean does not depend on the noise: zeros stand in for it.
+                                ref_mean = grpo_step(x, ref_velocity, sigma, sigma_next, std, torch.zeros_like(x))[2]
+                        else:
+                            ref_mean = None if ref_means is None else ref_means[idx_dev, j]
+                        with sync:
+                            velocity = guided_velocity(self.policy, x, t, cond, separate_branches=separate)
+                            loss, stats = grpo_loss(x, x_next, velocity, log_probs[idx_dev, j], advantages[idx_dev],
+                                                    sigma, sigma_next, std, ref_mean=ref_mean,
+                                                    clip_range=cfg.clip_range, adv_clip=cfg.adv_clip,
+                                                    kl_beta=cfg.kl_beta)
+                            (loss * weight).backward()
+                        # Every rank meters the same names in the same order (weight 0 for padding passes).
+                        real = batch if weight > 0 else 0
+                        meters.add("loss", loss, real)
+                        meters.add("clipfrac", stats["clipfrac"], real)
+                        meters.add("approx_kl", stats["approx_kl"], real)
+                        meters.add("kl", stats["kl"].mean(), real)
+                        deviation = (stats["ratio"] - 1).abs().max()
+                        if inner == 0:
+                            meters.max("max_abs_ratio_minus_1_first_inner", deviation, real)
+                        # Before the first optimizer step the policy is the rollout policy: this must be ~0.
+                        meters.max("max_abs_ratio_minus_1_before_update", deviation, 0 if first_update_done else real)
+                self._optimizer_step(meters)
+                first_update_done = True
 
     def _optimizer_step(self, meters: _Meters) -> None:
         """Clip, step and EMA; a non-finite gradient norm undoes the step on the device (no host sync) and is
