@@ -58,6 +58,44 @@ def test_trivial_latent_round_trip_and_vace_context():
         vace_context_of(scene.frames, scene.boxes, scene.references, 4, guide="paste")
 
 
+def test_annotated_pairs_are_labelled_by_the_oracle_of_the_policy_samples():
+    import dataclasses
+
+    from idgrpo.demo import annotated_pairs, build_policy, concat_pairs, sample_videos, scene_row
+    from idgrpo.reward.data import LABELS
+    from idgrpo.synth import World, WorldConfig, oracle_consistency
+
+    cfg = DemoConfig(quick=True, annotated_seeds=3, annotation_tie=0.0)
+    world = World(WorldConfig(frame_size=32, num_frames=cfg.num_frames, seed=5, grid=4))
+    rows = [scene_row(world.scene(i), 4) for i in range(3)]
+    policy = build_policy(cfg, torch.device("cpu")).requires_grad_(False)
+    pairs = annotated_pairs(cfg, policy, rows, torch.device("cpu"), seed_base=11)
+    assert len(pairs) == 3 * 3  # C(3, 2) pairs per row
+    assert pairs.kinds == ["annotated"] * 9 and pairs.ref_mask.all()
+    # The same draws again: seed_base + 100_003 * k + row.
+    draws = [sample_videos(cfg, policy, rows, torch.device("cpu"), 11 + 100_003 * k) for k in range(3)]
+    diffs, n = [], 0
+    for i, row in enumerate(rows):
+        scores = [oracle_consistency(d[i], row.boxes, row.references).video for d in draws]
+        for a, b in ((0, 1), (0, 2), (1, 2)):
+            diffs.append(scores[a] - scores[b])
+            assert torch.equal(pairs.frames_a[n], draws[a][i]) and torch.equal(pairs.frames_b[n], draws[b][i])
+            assert torch.equal(pairs.refs_a[n], torch.stack(row.references))
+            n += 1
+    assert all(d != 0 for d in diffs)
+    assert pairs.labels.tolist() == [LABELS["a"] if d > 0 else LABELS["b"] for d in diffs]  # the better one wins
+    # A tie threshold between the smallest and the largest difference: the small ones become `same`.
+    middle = sorted(abs(d) for d in diffs)[4]
+    tied = annotated_pairs(dataclasses.replace(cfg, annotation_tie=middle), policy, rows, torch.device("cpu"), 11)
+    assert tied.labels.tolist() == [LABELS["same"] if abs(d) < middle else label
+                                    for d, label in zip(diffs, pairs.labels.tolist())]
+    assert (tied.labels == LABELS["same"]).sum() == 4
+    both = concat_pairs(pairs, tied)
+    assert len(both) == 18 and both.kinds == pairs.kinds * 2 and torch.equal(both.labels[9:], tied.labels)
+    with pytest.raises(ValueError, match="annotated_seeds"):
+        DemoConfig(annotated_seeds=1)
+
+
 def pixel_box_mask(maps):
     return maps[:, 0::3].amax(1) > 0  # (T, H, W)
 
@@ -85,6 +123,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert "oracle identity consistency" in out and "learned identity reward" in out
     assert 0.0 <= summary["reward_model"]["val_acc_non_tie"] <= 1.0
     assert summary["reward_model"]["val_non_tie_pairs"] > 0
+    annotated = summary["reward_model"]["annotated"]  # pairs of the pretrained policy's samples, labelled by the oracle
+    assert annotated["train_pairs"] > 0 and annotated["val_pairs"] > 0
+    assert math.isfinite(summary["reward_change"]) and math.isfinite(summary["oracle_change_relative"])
     for when in ("before", "after"):
         oracle, reward = summary[when]["oracle"], summary[when]["reward"]
         assert len(oracle) == len(reward) == DemoConfig(quick=True).eval_prompts

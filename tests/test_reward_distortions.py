@@ -40,12 +40,13 @@ def test_background_estimate_exact_on_world(scene):
     assert not (mask & _outside(scene.boxes, [1])).any()
 
 
-@pytest.mark.parametrize("name", ["drift", "blend", "remove", "clone"])
+@pytest.mark.parametrize("name", ["drift", "recolour", "blend", "remove", "clone"])
 def test_single_person_edits_stay_in_that_box(scene, name):
     f, b = scene.frames, scene.boxes
     person, other = 1, 0
     video = {
         "drift": lambda: D.drift_person(f, b, person, 0.9),
+        "recolour": lambda: D.recolour_person(f, b, person, 0.9),
         "blend": lambda: D.blend_person(f, b, person, other, 0.7),
         "remove": lambda: D.remove_person(f, b, person),
         "clone": lambda: D.clone_person(f, b, other, person),
@@ -60,6 +61,22 @@ def test_single_person_edits_stay_in_that_box(scene, name):
         assert torch.equal(video[0], f[0])
         changed = (video != f).flatten(1).any(1)
         assert changed[-1] and score.per_frame[person, -1] < score.per_frame[person, 1]
+    if name == "recolour":  # constant: every frame changed by the same rotation
+        assert (video != f).flatten(1).any(1).all()
+        spread = score.per_frame[person][~score.per_frame[person].isnan()]
+        assert spread.max() - spread.min() < 0.15
+
+
+def test_recolour_is_a_channel_rotation_of_the_person_pixels(scene):
+    f, b = scene.frames, scene.boxes
+    assert torch.equal(D.recolour_person(f, b, 0, 0.0), f)
+    full = D.recolour_person(f, b, 0, 1.0)
+    mask = D.person_mask(f, b, 0)
+    assert torch.equal(full[mask], f[mask][:, [1, 2, 0]])
+    assert torch.equal(full[~mask], f[~mask])
+    half = D.recolour_person(f, b, 0, 0.5).float()
+    expected = (0.5 * f.float() + 0.5 * f.float()[..., [1, 2, 0]]).round()
+    assert torch.equal(half[mask], expected[mask])
 
 
 def test_swap_changes_both_people_after_the_start_only(scene):

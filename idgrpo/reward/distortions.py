@@ -182,6 +182,16 @@ def drift_person(frames, boxes, person: int, strength: float) -> torch.Tensor:
     return _finish(out)
 
 
+def recolour_person(frames, boxes, person: int, strength: float) -> torch.Tensor:
+    """The person's colours rotated (R->G->B) by `strength` (0..1) in every frame: a constant mismatch with the
+    reference (a wrong identity from the first frame), where `drift_person` grows from nothing."""
+    boxes = _check_person(boxes, person)
+    mask = person_mask(frames, boxes, person)  # (T, H, W)
+    out = frames.float()
+    recoloured = (1 - strength) * out + strength * out[..., [1, 2, 0]]
+    return _finish(torch.where(mask[..., None], recoloured, out))
+
+
 def blend_person(frames, boxes, person: int, other: int, alpha: float) -> torch.Tensor:
     """Blend `person`'s appearance toward `other`'s by `alpha` (0..1) in every frame."""
     boxes = _check_person(boxes, person, other)
