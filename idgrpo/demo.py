@@ -125,7 +125,7 @@ class DemoConfig:
     annotated_seeds: int = 4
     """Videos the pretrained policy samples per reward scene; every pair of one scene's videos becomes an annotated
     preference pair, labelled by the oracle (the stand-in for the paper's human annotators; 0: distortion pairs
-    only). See Note [annotated pairs]."""
+    only). See Note [annotated pairs] in idgrpo/demo.py."""
     annotation_tie: float = 0.02
     """Oracle difference below which an annotated pair is labelled a tie (`same`)."""
 
@@ -133,7 +133,7 @@ class DemoConfig:
     policy_videos: int = 256
     """World videos the policy is pretrained on."""
     imperfect_fraction: float = 0.8
-    """Share of a scene's pretraining targets that are imperfect draws (Note [imperfect targets])."""
+    """Share of a scene's pretraining targets that are imperfect draws (Note [imperfect targets] in idgrpo/demo.py)."""
     recolour_probability: float = 0.6
     """In an imperfect draw, the chance that each person is recoloured."""
     recolour_min: float = 0.3
