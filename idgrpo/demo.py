@@ -325,7 +325,7 @@ def vace_context_of(frames: torch.Tensor, boxes: torch.Tensor, references: list[
 PAIR_KINDS = ("swap", "drift", "blend", "clone", "remove", "mismatch", "photometric", "crop")
 
 
-def imperfect_version(scene, rng: random.Random, probability: float = 0.6, minimum: float = 0.3) -> torch.Tensor:
+def imperfect_version(scene, rng: random.Random, probability: float, minimum: float) -> torch.Tensor:
     """Note [imperfect targets]: an identity-broken draw of a scene's video, what a not-yet-aligned generator gets
     wrong: each person, with `probability`, recoloured (`idgrpo.reward.distortions.recolour_person`) with a strength
     uniform in [minimum, 1]. One failure family with one continuous strength per person, rather than a mix of swaps,

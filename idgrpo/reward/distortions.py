@@ -168,28 +168,26 @@ def swap_people(frames, boxes, person_a: int, person_b: int, start_frame: int) -
     return _finish(out)
 
 
+def _rotate_colours(frames, boxes, person: int, amount: torch.Tensor) -> torch.Tensor:
+    """The person's pixels blended toward their colours rotated R->G->B by `amount` (T,) per frame (0: unchanged)."""
+    boxes = _check_person(boxes, person)
+    mask = person_mask(frames, boxes, person)  # (T, H, W)
+    out = frames.float()
+    amount = amount.view(-1, 1, 1, 1)
+    rotated = (1 - amount) * out + amount * out[..., [1, 2, 0]]
+    return _finish(torch.where(mask[..., None], rotated, out))
+
+
 def drift_person(frames, boxes, person: int, strength: float) -> torch.Tensor:
     """Gradual appearance drift: the person's colours rotate (R->G->B) linearly from 0 at the
     first frame to `strength` (0..1) at the last."""
-    boxes = _check_person(boxes, person)
-    mask = person_mask(frames, boxes, person)  # (T, H, W)
-    out = frames.float().clone()
-    num_frames = frames.shape[0]
-    ramp = torch.linspace(0.0, strength, num_frames).view(-1, 1, 1, 1)
-    rotated = out[..., [1, 2, 0]]
-    drifted = (1 - ramp) * out + ramp * rotated
-    out = torch.where(mask[..., None], drifted, out)
-    return _finish(out)
+    return _rotate_colours(frames, boxes, person, torch.linspace(0.0, strength, frames.shape[0]))
 
 
 def recolour_person(frames, boxes, person: int, strength: float) -> torch.Tensor:
     """The person's colours rotated (R->G->B) by `strength` (0..1) in every frame: a constant mismatch with the
     reference (a wrong identity from the first frame), where `drift_person` grows from nothing."""
-    boxes = _check_person(boxes, person)
-    mask = person_mask(frames, boxes, person)  # (T, H, W)
-    out = frames.float()
-    recoloured = (1 - strength) * out + strength * out[..., [1, 2, 0]]
-    return _finish(torch.where(mask[..., None], recoloured, out))
+    return _rotate_colours(frames, boxes, person, torch.full((frames.shape[0],), float(strength)))
 
 
 def blend_person(frames, boxes, person: int, other: int, alpha: float) -> torch.Tensor:
