@@ -1,6 +1,7 @@
 """N ranks equal 1 rank for the same global batch: sharded trainable weights (full fine-tuning) and replicated LoRA
 adapters, with a NaN-reward row so that ranks keep different numbers of samples (weight-0 padding passes), and with
-several optimizer steps per epoch (each step's samples are cut from one global order, whatever the world size)."""
+several optimizer steps per epoch (each step's samples are cut from one global order, whatever the world size) and
+groups that share their initial latent."""
 
 import pytest
 import torch
@@ -19,11 +20,11 @@ def _nan_for_prompt_1(frames, refs, prompts):
     return torch.where(torch.tensor([p == "prompt 1" for p in prompts]), torch.full_like(r, float("nan")), r)
 
 
-def _train(run_dir, lora: bool, epochs: int = 3, resume: bool = False, updates: int = 1) -> dict:
+def _train(run_dir, lora: bool, epochs: int = 3, resume: bool = False, updates: int = 1, shared: bool = False) -> dict:
     cfg = GRPOConfig.from_name("tiny", run_dir=run_dir, resume=resume, epochs=epochs, eval_every=0, save_every=1000,
                                prompts_per_epoch=2, group_size=4, rollout_batch_size=2, train_batch_size=1,
                                kl_beta=0.004, reference="lora", guidance=2.0, inner_epochs=2,
-                               updates_per_epoch=updates)
+                               updates_per_epoch=updates, shared_initial_noise=shared)
     policy = ToyFlowPolicy(SHAPE, seed=1)
     if lora:  # real LoRALinear adapters on the base projection: replicated by FSDP, KL via disable_lora
         torch.manual_seed(0)  # the adapters' gaussian init draws from the global RNG
@@ -47,9 +48,10 @@ def _two_epochs_sharded(rank, world_size, run_dir):
 
 
 def _both(rank, world_size, run_dir):
-    # 3 optimizer steps per inner epoch over 5 to 8 kept samples: uneven chunks, some a rank has no sample of.
+    # 3 optimizer steps per inner epoch over 5 to 8 kept samples: uneven chunks, some a rank has no sample of; the
+    # groups share their initial latents.
     return {"sharded": _train(f"{run_dir}/sharded", lora=False), "lora": _train(f"{run_dir}/lora", lora=True),
-            "chunks": _train(f"{run_dir}/chunks", lora=True, updates=3)}
+            "chunks": _train(f"{run_dir}/chunks", lora=True, updates=3, shared=True)}
 
 
 def test_two_ranks_equal_one_rank(tmp_path):

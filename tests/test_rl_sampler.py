@@ -140,6 +140,25 @@ def test_samples_depend_only_on_their_seed_not_on_the_batching():
     torch.testing.assert_close(other.final[:3], whole.final[:3], rtol=1e-5, atol=1e-5)
 
 
+def test_initial_seeds_set_only_the_starting_latent():
+    policy = CountingPolicy()
+    schedule = flow_schedule(5, 3.0)
+    cond = _conditioning(3)
+    plan = StepPlan.build(5, window_start=0, window_size=2)
+    # Samples 0 and 1 share an initial seed; their step noises (seeds 3, 4) differ.
+    roll = sample(policy, cond, schedule, [3, 4, 5], SHAPE, plan=plan, initial_seeds=[11, 11, 12])
+    start = torch.stack([torch.randn(SHAPE, generator=torch.Generator().manual_seed(s)) for s in (11, 11, 12)])
+    torch.testing.assert_close(roll.states[:, 0], start, rtol=0, atol=0)
+    assert (roll.final[0] - roll.final[1]).abs().max() > 1e-3
+    # The step noises are seeds[i]'s draws either way: with initial_seeds = seeds, the plain rollout.
+    plain = sample(policy, cond, schedule, [3, 4, 5], SHAPE, plan=plan)
+    same = sample(policy, cond, schedule, [3, 4, 5], SHAPE, plan=plan, initial_seeds=[3, 4, 5])
+    torch.testing.assert_close(same.final, plain.final, rtol=0, atol=0)
+    torch.testing.assert_close(same.log_probs, plain.log_probs, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="initial seeds"):
+        sample(policy, cond, schedule, [3, 4, 5], SHAPE, plan=plan, initial_seeds=[1, 2])
+
+
 def test_sde_window_runs_ode_outside_and_keeps_only_the_trained_steps():
     policy = CountingPolicy()
     schedule = flow_schedule(8, 3.0)

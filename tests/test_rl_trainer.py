@@ -43,6 +43,33 @@ def test_group_sampler_repeats_rows_and_splits_evenly():
         assign_epoch(5, 3, 4, epoch=0, seed=0, rank=0, world_size=5)
 
 
+def test_shared_initial_noise_gives_a_group_one_starting_latent_on_any_world_size():
+    full = assign_epoch(5, 3, 4, epoch=2, seed=7, rank=0, world_size=1, shared_initial_noise=True)
+    assert full.seeds == assign_epoch(5, 3, 4, epoch=2, seed=7, rank=0, world_size=1).seeds
+    by_row = {}
+    for row, initial in zip(full.row_ids, full.initial_seeds, strict=True):
+        by_row.setdefault(row, set()).add(initial)
+    assert all(len(v) == 1 for v in by_row.values()) and len(set.union(*by_row.values())) == 3
+    assert not set(full.initial_seeds) & set(full.seeds)
+    parts = [assign_epoch(5, 3, 4, epoch=2, seed=7, rank=r, world_size=2, shared_initial_noise=True) for r in range(2)]
+    assert sum((p.local_initial_seeds for p in parts), []) == full.initial_seeds
+    assert assign_epoch(5, 3, 4, epoch=2, seed=7, rank=0, world_size=1).local_initial_seeds is None
+
+
+def test_shared_initial_noise_rollout_starts_each_group_from_one_latent(tmp_path):
+    trainer = make_trainer(tmp_path, shared_initial_noise=True, sde_window_size=2, sde_window_start=0,
+                           timestep_fraction=1.0)
+    assignment, _, _, data, rewards = trainer.rollout(0)
+    first = data["states"][:, 0]  # x before the first (trained) step = the initial latent
+    rows = torch.tensor(assignment.row_ids)
+    for row in set(assignment.row_ids):
+        group = first[rows == row]
+        assert (group - group[0]).abs().max() == 0
+        assert rewards[rows == row].std() > 0  # the SDE steps still make the videos differ
+    a, b = sorted(set(assignment.row_ids))[:2]
+    assert (first[rows == a][0] - first[rows == b][0]).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("kernels", ["reference", "triton"])
 def test_on_policy_ratio_is_one_when_rollout_and_train_micro_batches_differ(tmp_path, kernels, monkeypatch):
     # CFG on (batched branches), rollout batch 3 vs training micro-batch 2, KL against the adapters-off reference;

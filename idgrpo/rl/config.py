@@ -123,6 +123,10 @@ class GRPOConfig:
     """G: videos sampled per prompt row; the row's videos form its advantage group."""
     prompts_per_epoch: int = 4
     """Prompt rows drawn per epoch (global); an epoch samples prompts_per_epoch·G videos over all ranks."""
+    shared_initial_noise: bool = False
+    """The G videos of a group start from one initial latent and differ only in their SDE noise, so reward differences
+    within a group come from the steps that are trained, not from a starting noise no step can change. Off (the
+    default): every video draws its own initial latent."""
     rollout_batch_size: int = 1
     """Videos per rollout forward, per rank (the CFG forward runs 2x this batch)."""
     train_batch_size: int = 1

@@ -247,18 +247,31 @@ def euler_step(x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sig
 class SampleNoise:
     """One generator per sample: sample i's initial latent and step noises depend only on seeds[i].
 
-    This makes a rollout independent of how samples are batched or spread across ranks.
+    This makes a rollout independent of how samples are batched or spread across ranks. With `initial_seeds`, the
+    first draw (the initial latent) comes from initial_seeds[i] instead, while the step noises stay the draws they
+    would be without it: samples that share an initial seed start from the same latent.
     """
 
-    def __init__(self, seeds: Sequence[int], shape: Sequence[int], device):
+    def __init__(self, seeds: Sequence[int], shape: Sequence[int], device,
+                 initial_seeds: Sequence[int] | None = None):
         self.shape = tuple(shape)
         self.device = torch.device(device)
         self.generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+        if initial_seeds is not None and len(initial_seeds) != len(self.generators):
+            raise ValueError(f"{len(initial_seeds)} initial seeds for {len(self.generators)} samples")
+        self.initial = None if initial_seeds is None else [
+            torch.Generator(device=self.device).manual_seed(int(s)) for s in initial_seeds]
 
     def draw(self) -> torch.Tensor:
         """(B, *shape) standard normal fp32; advances every sample's generator by one draw."""
+        out = self._draw(self.generators)
+        if self.initial is not None:  # the step noises stay seeds[i]'s 2nd, 3rd, ... draws either way
+            out, self.initial = self._draw(self.initial), None
+        return out
+
+    def _draw(self, generators) -> torch.Tensor:
         return torch.stack([torch.randn(self.shape, generator=g, device=self.device, dtype=torch.float32)
-                            for g in self.generators])
+                            for g in generators])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -281,7 +294,8 @@ class Rollout:
 def sample(policy: Policy, conditioning: Conditioning, schedule: FlowSchedule, seeds: Sequence[int],
            latent_shape: Sequence[int], *, plan: StepPlan | None = None, steps: StepSchedule | None = None,
            noise_schedule: str = "identity_grpo", noise_level: float = 0.7, reference: Policy | None = None,
-           solver: str = "sde", device=None, separate_branches: bool = False) -> Rollout:
+           solver: str = "sde", device=None, separate_branches: bool = False,
+           initial_seeds: Sequence[int] | None = None) -> Rollout:
     """Run one rollout batch of len(seeds) samples.
 
     solver: "sde"  — SDE steps in `plan.window` (default: all steps), Euler elsewhere; keeps the trained steps'
@@ -290,9 +304,10 @@ def sample(policy: Policy, conditioning: Conditioning, schedule: FlowSchedule, s
     latent_shape: (C, F, H, W) of one sample's latent (reference slots included).
     reference: a policy evaluated with the same guidance on the trained steps, whose SDE mean is the KL anchor.
     separate_branches: one policy forward per guidance branch (`guided_velocity`; the benchmark's baseline).
+    initial_seeds: per sample, the seed of its initial latent (default: seeds; see `SampleNoise`).
     """
     device = torch.device(device) if device is not None else _device_of(policy)
-    noise = SampleNoise(seeds, latent_shape, device)
+    noise = SampleNoise(seeds, latent_shape, device, initial_seeds)
     x = noise.draw()  # (B, C, F, H, W)
     batch = x.shape[0]
     if solver == "unipc":

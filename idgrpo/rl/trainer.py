@@ -14,7 +14,9 @@ and a conditioning builder (prompt rows -> `Conditioning`, i.e. the guidance bra
 One epoch:
 1. group sampler: `prompts_per_epoch` rows are drawn (seeded by the epoch), each repeated G times; the P·G samples are
    shuffled and split evenly over the ranks. A sample's group id is its row index, its noise seed a function of
-   (seed, epoch, position in the global list), so the same global batch gives the same samples on any world size;
+   (seed, epoch, position in the global list), so the same global batch gives the same samples on any world size.
+   With `shared_initial_noise` a group's samples start from one initial latent (a function of seed, epoch, row) and
+   differ only in their SDE noise;
 2. rollout in batches of `rollout_batch_size`; every finished batch is decoded and scored on a worker thread (its own
    CUDA stream) while the next batch is sampled; frames stay on the device. For the trained steps the rollout also
    keeps the SDE mean under the reference policy (adapters disabled), so training runs no reference forward;
@@ -130,6 +132,7 @@ class EpochAssignment:
     seeds: list[int]  # (N,) noise seed per sample
     offset: int  # this rank's first sample
     count: int  # samples per rank
+    initial_seeds: list[int] | None = None  # (N,) seed of the initial latent, one per group; None: `seeds`
 
     @property
     def local_rows(self) -> list[int]:
@@ -139,12 +142,20 @@ class EpochAssignment:
     def local_seeds(self) -> list[int]:
         return self.seeds[self.offset: self.offset + self.count]
 
+    @property
+    def local_initial_seeds(self) -> list[int] | None:
+        if self.initial_seeds is None:
+            return None
+        return self.initial_seeds[self.offset: self.offset + self.count]
+
 
 def assign_epoch(num_rows: int, prompts_per_epoch: int, group_size: int, *, epoch: int, seed: int,
-                 rank: int, world_size: int) -> EpochAssignment:
+                 rank: int, world_size: int, shared_initial_noise: bool = False) -> EpochAssignment:
     """Distributed group sampler: draw rows (without replacement while possible), repeat each G times, shuffle, split.
 
-    Every rank computes the same global list from (seed, epoch), so no communication is needed.
+    Every rank computes the same global list from (seed, epoch), so no communication is needed. With
+    `shared_initial_noise`, the samples of one group get one initial-latent seed (a function of seed, epoch and row;
+    bit 62 set, which no step-noise seed has) and keep their own step-noise seeds.
     """
     total = prompts_per_epoch * group_size
     if total % world_size:
@@ -157,8 +168,11 @@ def assign_epoch(num_rows: int, prompts_per_epoch: int, group_size: int, *, epoc
     order = torch.randperm(total, generator=gen).tolist()
     row_ids = [rows[i] for i in order]
     seeds = [(seed * 7_919 + epoch) * 1_000_033 + i for i in range(total)]
+    initial = None
+    if shared_initial_noise:
+        initial = [((seed * 7_919 + epoch) * 1_000_033 + row) | (1 << 62) for row in row_ids]
     count = total // world_size
-    return EpochAssignment(row_ids, seeds, rank * count, count)
+    return EpochAssignment(row_ids, seeds, rank * count, count, initial)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -470,9 +484,10 @@ class GRPOTrainer:
         tensors {states (n, K+1, ...), log_probs (n, K), ref_means (n, K, ...) | None}, local rewards (n,))."""
         cfg = self.cfg
         assignment = assign_epoch(len(self.train_rows), cfg.prompts_per_epoch, cfg.group_size, epoch=epoch,
-                                  seed=cfg.seed, rank=self.rank, world_size=self.world_size)
+                                  seed=cfg.seed, rank=self.rank, world_size=self.world_size,
+                                  shared_initial_noise=cfg.shared_initial_noise)
         rows = [self.train_rows[i] for i in assignment.local_rows]
-        seeds = assignment.local_seeds
+        seeds, initial_seeds = assignment.local_seeds, assignment.local_initial_seeds
         flags = self.baseline
         with self._phase("rollout"):
             conditioning = self.build_conditioning(rows)
@@ -487,7 +502,8 @@ class GRPOTrainer:
             with self._phase("rollout"):
                 roll = sample(self.policy, cond, self.schedule, seeds[part], self.latent_shape, plan=plan,
                               steps=self.steps, reference=reference, device=self.device,
-                              separate_branches=flags.separate_cfg_forwards)
+                              separate_branches=flags.separate_cfg_forwards,
+                              initial_seeds=initial_seeds[part] if initial_seeds is not None else None)
             states.append(roll.states)
             log_probs.append(roll.log_probs)
             if roll.ref_means is not None:
