@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from idgrpo.demo import DemoConfig, decode_latents, demo, encode_frames, layout_maps, vace_context_of
+from idgrpo.demo import DemoConfig, decode_latents, demo, encode_frames, grpo_config, layout_maps, vace_context_of
 from idgrpo.media import read_image
 from idgrpo.testing import run_distributed
 
@@ -105,6 +105,17 @@ def F_unshuffle_mask(maps):
 
     in_box = (maps[:, 0::3].amax(1, keepdim=True) > 0).float().expand(-1, 3, -1, -1)  # (T, 3, H, W)
     return (F.pixel_unshuffle(in_box, 4) > 0).transpose(0, 1)  # (48, T, h, w)
+
+
+def test_grpo_settings_follow_the_demo_knobs():
+    for shared in (True, False):
+        cfg = DemoConfig(quick=True, shared_initial_noise=shared, kl_beta=0.03, updates_per_epoch=2)
+        g = grpo_config(cfg)
+        assert g.shared_initial_noise is shared
+        assert (g.kl_beta, g.updates_per_epoch, g.group_size) == (0.03, 2, cfg.group_size)
+        assert (g.num_steps, g.sde_window_size, g.guidance) == (cfg.num_steps, cfg.sde_window_size, 1.0)
+    assert DemoConfig().shared_initial_noise  # on by default in the demo (off in GRPOConfig)
+    assert not grpo_config(DemoConfig(shared_initial_noise=False)).shared_initial_noise
 
 
 def _run_quick(run_dir):
