@@ -45,6 +45,9 @@ from idgrpo.models.weights import CheckpointError
 PEFT_PREFIX = "base_model.model."
 NON_LORA_FILES = ("non_lora_state_dict.safetensors", "non_lora_state_dict.pth")
 REWARD_TOKEN = "<|SA_reward|>"
+# Its id is 151665, the first free id of the 151,665-token Qwen2.5 tokenizer: the published Identity-GRPO reward's
+# config.json (outputs/identity_reward/config.json) has vocab_size 151666, its embeddings resized to the tokenizer
+# plus this one token. `QwenProcessor` appends added tokens after the vocabulary, which gives the same id.
 # Note: written for idgrpo, not the verbatim Identity-GRPO rubric (which we do not have): same layout and
 # the same ending ("... subject alignment: <|SA_reward|>\nEND"). Pass the original text via `instruction`
 # when scoring with the published checkpoint.
