@@ -20,11 +20,13 @@ def _nan_for_prompt_1(frames, refs, prompts):
     return torch.where(torch.tensor([p == "prompt 1" for p in prompts]), torch.full_like(r, float("nan")), r)
 
 
-def _train(run_dir, lora: bool, epochs: int = 3, resume: bool = False, updates: int = 1, shared: bool = False) -> dict:
+def _train(run_dir, lora: bool, epochs: int = 3, resume: bool = False, updates: int = 1, shared: bool = False,
+           accumulation: str = "auto") -> dict:
     cfg = GRPOConfig.from_name("tiny", run_dir=run_dir, resume=resume, epochs=epochs, eval_every=0, save_every=1000,
                                prompts_per_epoch=2, group_size=4, rollout_batch_size=2, train_batch_size=1,
                                kl_beta=0.004, reference="lora", guidance=2.0, inner_epochs=2,
-                               updates_per_epoch=updates, shared_initial_noise=shared)
+                               updates_per_epoch=updates, shared_initial_noise=shared,
+                               grad_accumulation=accumulation)
     policy = ToyFlowPolicy(SHAPE, seed=1)
     if lora:  # real LoRALinear adapters on the base projection: replicated by FSDP, KL via disable_lora
         torch.manual_seed(0)  # the adapters' gaussian init draws from the global RNG
@@ -40,7 +42,7 @@ def _train(run_dir, lora: bool, epochs: int = 3, resume: bool = False, updates: 
             "kl": [h["kl"] for h in history], "ratio": [h["max_abs_ratio_minus_1_before_update"] for h in history],
             "state": {k: v.tolist() for k, v in state.items()},  # plain lists: tensors do not outlive the worker
             "replicated": [g.replicated for g in trainer.policy.groups if g.trainable],
-            "steps": trainer.optimizer_steps}
+            "steps": trainer.optimizer_steps, "local": trainer.accumulate_locally}
 
 
 def _two_epochs_sharded(rank, world_size, run_dir):
@@ -49,23 +51,27 @@ def _two_epochs_sharded(rank, world_size, run_dir):
 
 def _both(rank, world_size, run_dir):
     # 3 optimizer steps per inner epoch over 5 to 8 kept samples: uneven chunks, some a rank has no sample of; the
-    # groups share their initial latents.
+    # groups share their initial latents. Sharded weights accumulate their gradients sharded (a reduce-scatter per
+    # backward, the "auto" choice on 2 ranks) and, in "sharded_local", unsharded under no_sync.
     return {"sharded": _train(f"{run_dir}/sharded", lora=False), "lora": _train(f"{run_dir}/lora", lora=True),
-            "chunks": _train(f"{run_dir}/chunks", lora=True, updates=3, shared=True)}
+            "chunks": _train(f"{run_dir}/chunks", lora=True, updates=3, shared=True),
+            "sharded_local": _train(f"{run_dir}/sharded_local", lora=False, accumulation="local")}
 
 
 def test_two_ranks_equal_one_rank(tmp_path):
     one = run_distributed(_both, 1, str(tmp_path / "w1"), timeout_s=150)[0]
     two = run_distributed(_both, 2, str(tmp_path / "w2"), timeout_s=150)
     assert one["chunks"]["steps"] > 2 * one["lora"]["steps"]  # several optimizer steps per inner epoch
-    for variant, replicated in (("sharded", False), ("lora", True), ("chunks", True)):
+    for variant, replicated in (("sharded", False), ("lora", True), ("chunks", True), ("sharded_local", False)):
         ref = one[variant]
+        assert ref["local"]  # one rank: nothing to shard
         assert ref["replicated"] == [replicated]
         assert sum(ref["dropped"]) > 0  # the NaN row was drawn: uneven kept samples per rank
         assert max(ref["ratio"]) < 1e-5
         assert ref["kl"][-1] > 0  # the adapters moved away from the reference
         for result in two:
             got = result[variant]
+            assert got["local"] == (variant != "sharded")  # "auto" shards the gradients of sharded weights
             assert got["replicated"] == [replicated]
             assert got["dropped"] == ref["dropped"]
             assert got["steps"] == ref["steps"]

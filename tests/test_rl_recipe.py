@@ -88,3 +88,14 @@ def test_load_reward_resolves_a_factory_and_rejects_bad_specs():
     assert load_reward("idgrpo.rl.toy:brightness_reward", None, torch.device("cpu")) is brightness_score
     with pytest.raises(ValueError, match="module:function"):
         load_reward("", None, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("grad_accumulation", "both", "grad_accumulation"), ("adv_std", "batch", "adv_std"),
+    ("reference", "ema", "reference"), ("sde_window_size", 9, "SDE window"), ("clip_range", 0.0, "clip_range")])
+def test_config_rejects_bad_settings(field, value, message):
+    from idgrpo.rl.config import GRPOConfig
+
+    GRPOConfig.from_name("tiny", num_steps=8)  # the defaults are valid
+    with pytest.raises(ValueError, match=message):
+        GRPOConfig.from_name("tiny", num_steps=8, **{field: value})

@@ -369,7 +369,8 @@ class FSDP(nn.Module):
 
         Note: this holds an unsharded fp32 gradient per trainable group (4 bytes per trainable
         parameter on every rank): right for LoRA, too much for full fine-tuning of a large model,
-        where plain backward per micro-step (reduce-scatter each time, sharded memory) is better.
+        where plain backward per micro-step (reduce-scatter each time, sharded memory) is better
+        (`GRPOConfig.grad_accumulation`, whose "auto" picks that for sharded trainable weights).
         """
         previous, self._sync_grads = self._sync_grads, False
         try:

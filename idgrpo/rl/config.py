@@ -192,6 +192,12 @@ class GRPOConfig:
     """Checkpoint every this many epochs (and at the end)."""
     resume: bool = True
     """Resume from the latest checkpoint in run_dir when there is one."""
+    grad_accumulation: str = "auto"
+    """How gradients add up over the backwards of one optimizer step (micro-batches x trained steps): "local" (FSDP
+    `no_sync`: an unsharded fp32 gradient per trainable group on every rank, one reduction per optimizer step),
+    "sharded" (a reduce-scatter after every backward into the fp32 gradient shard: 1/N of the memory, one
+    collective per backward) or "auto" (local when the trainable weights are replicated, as LoRA adapters are, or
+    there is one rank; sharded otherwise, so full fine-tuning of a large model never holds a whole fp32 gradient)."""
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in backward (the engine's FSDP option)."""
     compute_dtype: str = "bfloat16"
@@ -212,6 +218,8 @@ class GRPOConfig:
             raise ValueError(f"adv_std={self.adv_std!r}: expected 'group' or 'global'")
         if self.reference not in ("lora", "copy"):
             raise ValueError(f"reference={self.reference!r}: expected 'lora' or 'copy'")
+        if self.grad_accumulation not in ("auto", "local", "sharded"):
+            raise ValueError(f"grad_accumulation={self.grad_accumulation!r}: expected 'auto', 'local' or 'sharded'")
         if self.eval_solver not in ("unipc", "euler"):
             raise ValueError(f"eval_solver={self.eval_solver!r}: expected 'unipc' or 'euler'")
         if self.height % 16 or self.width % 16:

@@ -26,7 +26,8 @@ One epoch:
    number of micro-batches from the gathered advantages (ranks short of samples run weight-0 micro-batches), so the
    collectives of the update stay matched;
 5. `inner_epochs` passes: per micro-batch and trained step, `grpo_loss` on the recomputed velocity; gradients
-   accumulate (FSDP `no_sync`) over micro-batches and steps, normalised so that N ranks equal 1 rank; clip, AdamW
+   accumulate over micro-batches and steps (unsharded under FSDP `no_sync`, or reduce-scattered into the shards
+   after every backward: `grad_accumulation`), normalised so that N ranks equal 1 rank; clip, AdamW
    (an update whose gradient norm is non-finite is undone on the device and counted), EMA of the trainable weights.
 
 Baseline mode (benchmarks only, `config.baseline`, `BaselineFlags`): switches that make an epoch run the way the
@@ -398,6 +399,11 @@ class GRPOTrainer:
             policy = FSDP(policy, compute_dtype=cd, replicate_trainable_below=(1 << 24) if lora else 0,
                           activation_checkpointing=config.activation_checkpointing)
         self.policy = policy
+        mode = config.grad_accumulation
+        if mode == "auto":
+            sharded = [g for g in policy.groups if g.trainable and not g.replicated]
+            mode = "sharded" if sharded and self.world_size > 1 else "local"
+        self.accumulate_locally = mode == "local"
         if reference is None and config.kl_beta > 0:
             reference = _adapters_disabled_policy(policy)
         self.reference = reference if config.kl_beta > 0 else None
@@ -612,7 +618,8 @@ class GRPOTrainer:
                     cond = conditioning.select(idx_dev)
                     for j, k in enumerate(trained):
                         final_backward = i == num_micro - 1 and j == K - 1
-                        sync = contextlib.nullcontext() if final_backward else self.policy.no_sync()
+                        hold = self.accumulate_locally and not final_backward
+                        sync = self.policy.no_sync() if hold else contextlib.nullcontext()
                         x = states[idx_dev, j]
                         x_next = states[idx_dev, j + 1]
                         batch = x.shape[0]
