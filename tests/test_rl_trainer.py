@@ -232,6 +232,29 @@ def test_reward_curve_png_is_a_valid_image(tmp_path):
     assert len(set(raw)) > 3  # white background, black axes, coloured series
 
 
+def _decode_png(data: bytes) -> torch.Tensor:
+    width, height = struct.unpack(">II", data[16:24])
+    raw = zlib.decompress(data[data.index(b"IDAT") + 4: data.index(b"IEND") - 8])
+    rows = [raw[y * (1 + 3 * width) + 1:(y + 1) * (1 + 3 * width)] for y in range(height)]
+    return torch.tensor([list(r) for r in rows], dtype=torch.uint8).view(height, width, 3)
+
+
+def test_reward_curve_labels_show_the_range_and_epochs(tmp_path):
+    def curve(scale, name):
+        history = [{"epoch": e, "reward_mean": scale * (e - 2) ** 2 - 1.5, **({"eval_reward": 0.3} if e == 4 else {})}
+                   for e in range(7)]
+        return _decode_png(write_curve_png(tmp_path / name, history).read_bytes())
+
+    a, b = curve(1.0, "a.png"), curve(3.0, "b.png")
+    assert a.shape == (240, 480, 3)
+    margin_a, margin_b = a[20:200, :30], b[20:200, :30]  # the y labels, left of the axis
+    assert (margin_a.int().sum(-1) == 0).any()  # black label pixels
+    assert not torch.equal(margin_a, margin_b)  # they follow the data (8.5 vs 46.5 at the top)
+    assert torch.equal(a[210:, :], b[210:, :])  # same epochs: same x labels
+    red = (a[..., 0] > 200) & (a[..., 1] < 60)
+    assert red[:12].any()  # the eval series is named in the legend
+
+
 def test_read_rows_reference_format(tmp_path):
     image = torch.randint(0, 256, (6, 10, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     (tmp_path / "a.png").write_bytes(_png_bytes(image))

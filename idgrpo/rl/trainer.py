@@ -901,29 +901,101 @@ def _draw_line(img: torch.Tensor, x0: int, y0: int, x1: int, y1: int, color) -> 
         img[max(0, y - 1):y + 1, max(0, x - 1):x + 1] = torch.tensor(color, dtype=torch.uint8)
 
 
+# 3x5 pixel glyphs (rows top to bottom) for the curve's labels: digits, number signs and the few capitals used.
+_GLYPHS = {ch: rows.split() for ch, rows in {
+    "0": "111 101 101 101 111", "1": "010 110 010 010 111", "2": "111 001 111 100 111", "3": "111 001 111 001 111",
+    "4": "101 101 111 001 001", "5": "111 100 111 001 111", "6": "111 100 111 101 111", "7": "111 001 001 001 001",
+    "8": "111 101 111 101 111", "9": "111 101 111 001 111", "-": "000 000 111 000 000", "+": "000 010 111 010 000",
+    ".": "000 000 000 000 010", " ": "000 000 000 000 000", "A": "010 101 111 101 101", "C": "111 100 100 100 111",
+    "D": "110 101 101 101 110", "E": "111 100 111 100 111", "H": "101 101 111 101 101", "I": "111 010 010 010 111",
+    "L": "100 100 100 100 111", "N": "110 101 101 101 101", "O": "111 101 101 101 111", "P": "111 101 111 100 100",
+    "R": "110 101 110 101 101", "T": "111 010 010 010 010", "V": "101 101 101 101 010", "W": "101 101 101 111 101",
+}.items()}
+
+
+def _text_width(text: str, scale: int) -> int:
+    return len(text) * 4 * scale - scale
+
+
+def _draw_text(img: torch.Tensor, x: int, y: int, text: str, scale: int = 2, color=(0, 0, 0)) -> None:
+    """Draw `text` (characters of _GLYPHS; others as blanks) with its top-left corner at (x, y), clipped."""
+    h, w, _ = img.shape
+    ink = torch.tensor(color, dtype=torch.uint8)
+    for i, ch in enumerate(text.upper()):
+        rows = _GLYPHS.get(ch, _GLYPHS[" "])
+        for r, bits in enumerate(rows):
+            for c, bit in enumerate(bits):
+                if bit == "1":
+                    x0, y0 = x + (4 * i + c) * scale, y + r * scale
+                    if 0 <= x0 and 0 <= y0 and x0 + scale <= w and y0 + scale <= h:
+                        img[y0:y0 + scale, x0:x0 + scale] = ink
+
+
+def _label(v: float) -> str:
+    text = f"{v:.3g}"
+    if "e" in text:  # 3x5 glyphs have no "e": fall back to fixed point
+        text = f"{v:.4f}".rstrip("0").rstrip(".")
+    return text
+
+
 def write_curve_png(path: str | Path, history: list[dict], *, width: int = 480, height: int = 240) -> Path | None:
-    """Plot the training reward mean (blue) and the evaluation reward (red) per epoch as a PNG."""
+    """Plot the training reward mean (blue) and the evaluation reward (red) per epoch as a PNG. From 200x120
+    pixels up, the axes are labelled (reward range, first and last epoch) and the series named."""
+    colors = {"reward_mean": (31, 119, 180), "eval_reward": (214, 39, 40)}
     series = [([h["epoch"] for h in history if _finite(h.get(key))], [h[key] for h in history if _finite(h.get(key))],
-               color) for key, color in (("reward_mean", (31, 119, 180)), ("eval_reward", (214, 39, 40)))]
-    values = [v for _, ys, _ in series for v in ys]
+               color, key) for key, color in colors.items()]
+    series = [s for s in series if s[0]]
+    values = [v for _, ys, _, _ in series for v in ys]
     if not values:
         return None
     lo, hi = min(values), max(values)
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5, hi + 0.5
-    epochs = [e for xs, _, _ in series for e in xs]
+    epochs = [e for xs, _, _, _ in series for e in xs]
     e0, e1 = min(epochs), max(max(epochs), min(epochs) + 1)
-    pad = 16
+    labelled = width >= 200 and height >= 120
+    scale = 2
+    y_labels = [_label(hi), _label(lo)]
+    left = max(16, max(_text_width(t, scale) for t in y_labels) + 10) if labelled else 16
+    top, right, bottom = 16, 16, (16 + 8 * scale + 6 if labelled else 16)
     img = torch.full((height, width, 3), 255, dtype=torch.uint8)
-    img[pad:height - pad, pad] = 0
-    img[height - pad, pad:width - pad] = 0
+    img[top:height - bottom + 1, left] = 0
+    img[height - bottom, left:width - right] = 0
 
     def to_px(e, v):
-        x = pad + (e - e0) / (e1 - e0) * (width - 2 * pad - 1)
-        y = height - pad - (v - lo) / (hi - lo) * (height - 2 * pad - 1)
+        x = left + (e - e0) / (e1 - e0) * (width - left - right - 1)
+        y = height - bottom - (v - lo) / (hi - lo) * (height - top - bottom - 1)
         return round(x), round(y)
 
-    for xs, ys, color in series:
+    if labelled:
+        glyph_h = 5 * scale
+        ticks = [(t, v) for t, v in zip(y_labels, (hi, lo), strict=True)]
+        if lo < 0 < hi:  # a dotted zero line, labelled where it does not crowd the range labels
+            _, zy = to_px(e0, 0.0)
+            img[zy, left + 1:width - right:3] = 160
+            if min(abs(zy - to_px(e0, hi)[1]), abs(zy - to_px(e0, lo)[1])) > glyph_h + 2:
+                ticks.append(("0", 0.0))
+        for text, v in ticks:
+            _, py = to_px(e0, v)
+            img[py, left - 4:left] = 0  # tick
+            _draw_text(img, left - 6 - _text_width(text, scale), min(max(0, py - glyph_h // 2), height - glyph_h), text)
+        base = height - bottom + 5
+        for e in (e0, max(epochs)):
+            px, _ = to_px(e, lo)
+            img[height - bottom:height - bottom + 4, px] = 0
+            text = _label(e)
+            _draw_text(img, min(max(0, px - _text_width(text, scale) // 2), width - _text_width(text, scale)), base,
+                       text)
+        _draw_text(img, (width - _text_width("EPOCH", scale)) // 2, base, "EPOCH")
+        legend_x = width - right
+        for _, _, color, key in reversed(series):
+            name = "TRAIN" if key == "reward_mean" else "EVAL"
+            legend_x -= _text_width(name, scale) + 3 * scale + 16
+            img[2:2 + 3 * scale, legend_x:legend_x + 3 * scale] = torch.tensor(color, dtype=torch.uint8)
+            _draw_text(img, legend_x + 3 * scale + 4, 2, name, color=color)
+        _draw_text(img, left + 4, 2, "REWARD")
+
+    for xs, ys, color, _ in series:
         points = [to_px(e, v) for e, v in zip(xs, ys, strict=True)]
         for (ax, ay), (bx, by) in zip(points, points[1:]):
             _draw_line(img, ax, ay, bx, by, color)
