@@ -3,7 +3,7 @@
 Usage:
     idgrpo demo                                    # one CPU process, ~8 minutes on 2 cores
     idgrpo demo --quick                            # a minute or two: the CI smoke run
-    torchrun --nproc_per_node=2 -m idgrpo demo     # two gloo processes, the same result for the same seed
+    torchrun --nproc_per_node=2 -m idgrpo demo     # two gloo processes: the result of `--threads 1` for the seed
     idgrpo demo --help                             # every knob
 
 Stages (tqdm progress per stage on rank 0), all written to --run-dir:
@@ -95,7 +95,9 @@ class DemoConfig:
     seed: int = 0
     """Seed of the world, of every initialisation, shuffle and sampling noise."""
     threads: int = 0
-    """torch CPU threads per process (0: the machine's cores divided by the number of processes)."""
+    """torch CPU threads per process (0: the machine's cores divided by the number of processes). Floats, and so the
+    results, depend on it (the order of CPU reductions): N processes give the result of one process with the same
+    threads per process."""
 
     # --- the world -------------------------------------------------------------------------------------------------
     frame_size: int = 32
