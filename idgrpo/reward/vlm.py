@@ -48,9 +48,11 @@ REWARD_TOKEN = "<|SA_reward|>"
 # Its id is 151665, the first free id of the 151,665-token Qwen2.5 tokenizer: the published Identity-GRPO reward's
 # config.json (outputs/identity_reward/config.json) has vocab_size 151666, its embeddings resized to the tokenizer
 # plus this one token. `QwenProcessor` appends added tokens after the vocabulary, which gives the same id.
-# Note: written for idgrpo, not the verbatim Identity-GRPO rubric (which we do not have): same layout and
-# the same ending ("... subject alignment: <|SA_reward|>\nEND"). Pass the original text via `instruction`
-# when scoring with the published checkpoint.
+# Note: written for idgrpo, not the Identity-GRPO rubric: same layout and the same ending ("... subject alignment:
+# <|SA_reward|>\nEND"). The published checkpoint was trained with the `subject_alignment_special` template
+# (SUBJECT_ALIGNMENT_PROMPT_WITH_SPECIAL_TOKEN in alibaba/identity-grpo vace_reward/prompt_template.py): a
+# face-similarity rubric that does not include the caption. To score with that checkpoint, pass its text verbatim
+# as `instruction` (our `{prompt}` placeholder is then simply absent).
 SUBJECT_ALIGNMENT_INSTRUCTION = (
     "The pictures above are reference images of the subjects, and the video was generated from the caption "
     "\"{prompt}\". Judge subject alignment: does every person in the video keep the identity of their reference "
