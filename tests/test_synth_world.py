@@ -95,6 +95,17 @@ def test_oracle_one_when_clean_and_drops_per_identity_distortion(world):
             assert oracle_consistency(f, b, wrong).per_person[1] < 0.9
 
 
+def test_oracle_falls_as_the_recolour_strength_rises(world):
+    # The demo's pretraining failure: the oracle must rank its strengths, or GRPO's target would be meaningless.
+    for i in range(4):
+        scene = world.scene(i)
+        scores = [oracle_consistency(D.recolour_person(scene.frames, scene.boxes, 1, strength), scene.boxes,
+                                     scene.references).per_person for strength in (0.0, 0.3, 0.6, 1.0)]
+        hit = [float(s[1]) for s in scores]
+        assert hit[0] == 1.0 and all(a > b for a, b in zip(hit, hit[1:], strict=False)), (i, hit)
+        assert all(float(s[0]) > 0.9 for s in scores)  # the other person barely moves
+
+
 def test_oracle_validates_inputs(world):
     scene = world.scene(0)
     with pytest.raises(ValueError, match="references"):
