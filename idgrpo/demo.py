@@ -609,8 +609,8 @@ def grpo_config(cfg: DemoConfig):
         model="tiny", height=cfg.frame_size, width=cfg.frame_size, num_frames=cfg.num_frames,
         num_steps=cfg.num_steps, shift=cfg.shift, grid="diffusers", guidance=1.0, group_size=cfg.group_size,
         # One rollout forward for a rank's whole epoch and micro-batches of a group: on a CPU, bigger matmuls use the
-        # cores better (9.6 -> 6.5 s per epoch on 2 cores against batches of 8 and 4); the samples do not depend on
-        # the batching.
+        # cores better (9.6 -> 7.0 s per epoch in the full demo on 2 cores, against batches of 8 and 4); the samples
+        # do not depend on the batching.
         prompts_per_epoch=cfg.prompts_per_epoch, rollout_batch_size=cfg.prompts_per_epoch * cfg.group_size,
         sde_window_size=cfg.sde_window_size, timestep_fraction=1.0, lr=cfg.grpo_lr, clip_range=cfg.clip_range,
         adv_clip=5.0, kl_beta=cfg.kl_beta, lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), ema_decay=0.0,

@@ -401,7 +401,7 @@ class GRPOTrainer:
         self.policy = policy
         mode = config.grad_accumulation
         if mode == "auto":
-            sharded = [g for g in policy.groups if g.trainable and not g.replicated]
+            sharded = any(g.trainable and not g.replicated for g in policy.groups)
             mode = "sharded" if sharded and self.world_size > 1 else "local"
         self.accumulate_locally = mode == "local"
         if reference is None and config.kl_beta > 0:
@@ -941,9 +941,9 @@ def _label(v: float) -> str:
 def write_curve_png(path: str | Path, history: list[dict], *, width: int = 480, height: int = 240) -> Path | None:
     """Plot the training reward mean (blue) and the evaluation reward (red) per epoch as a PNG. From 200x120
     pixels up, the axes are labelled (reward range, first and last epoch) and the series named."""
-    colors = {"reward_mean": (31, 119, 180), "eval_reward": (214, 39, 40)}
+    spec = (("reward_mean", "TRAIN", (31, 119, 180)), ("eval_reward", "EVAL", (214, 39, 40)))
     series = [([h["epoch"] for h in history if _finite(h.get(key))], [h[key] for h in history if _finite(h.get(key))],
-               color, key) for key, color in colors.items()]
+               color, name) for key, name, color in spec]
     series = [s for s in series if s[0]]
     values = [v for _, ys, _, _ in series for v in ys]
     if not values:
@@ -969,7 +969,7 @@ def write_curve_png(path: str | Path, history: list[dict], *, width: int = 480, 
 
     if labelled:
         glyph_h = 5 * scale
-        ticks = [(t, v) for t, v in zip(y_labels, (hi, lo), strict=True)]
+        ticks = list(zip(y_labels, (hi, lo), strict=True))
         if lo < 0 < hi:  # a dotted zero line, labelled where it does not crowd the range labels
             _, zy = to_px(e0, 0.0)
             img[zy, left + 1:width - right:3] = 160
@@ -988,8 +988,7 @@ def write_curve_png(path: str | Path, history: list[dict], *, width: int = 480, 
                        text)
         _draw_text(img, (width - _text_width("EPOCH", scale)) // 2, base, "EPOCH")
         legend_x = width - right
-        for _, _, color, key in reversed(series):
-            name = "TRAIN" if key == "reward_mean" else "EVAL"
+        for _, _, color, name in reversed(series):
             legend_x -= _text_width(name, scale) + 3 * scale + 16
             img[2:2 + 3 * scale, legend_x:legend_x + 3 * scale] = torch.tensor(color, dtype=torch.uint8)
             _draw_text(img, legend_x + 3 * scale + 4, 2, name, color=color)
