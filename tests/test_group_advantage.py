@@ -132,3 +132,71 @@ def test_bad_arguments():
         group_advantage(randn(5, seed=9), torch.zeros(5, dtype=torch.int64), std="batch")
     with pytest.raises(ValueError, match="integer"):
         group_advantage(randn(5, seed=9), torch.zeros(5))
+
+
+def near_tied_batch(offset, columns, seed):
+    """fp32 rewards (N, columns) around `offset` in groups that are hard for fp32 statistics, with
+    their group ids (shuffled, as `shuffled_ids`). Every column of every group is one of: a few
+    ulps apart (near-tied), all identical, {b - h, b, b + h} (the middle one exactly at the mean),
+    spread over a few hundred ulps, or spread over ~1. Group sizes are not multiples of the
+    kernel's blocks."""
+    rng = np.random.default_rng(seed)
+    sizes = [17, 8, 5, 1, 3, 33, 8, 6, 3, 7]
+    kinds = ["near", "near", "same", "same", "at_mean", "near", "ulps", "spread", "at_mean", "same"]
+    ids = shuffled_ids(sizes, seed)
+    rewards = np.empty((len(ids), columns), np.float32)
+    for k, (n, kind) in enumerate(zip(sizes, kinds, strict=True)):
+        base = (offset + rng.normal(size=columns)).astype(np.float32)  # (T,)
+        ulp = np.spacing(base)
+        if kind == "near":
+            group = base + rng.integers(0, 3, (n, columns)).astype(np.float32) * ulp
+        elif kind == "same":
+            group = np.repeat(base[None], n, 0)
+        elif kind == "at_mean":
+            group = base + np.array([[-4], [0], [4]], np.float32) * ulp
+        elif kind == "ulps":
+            group = base + np.round(rng.normal(size=(n, columns)) * 300).astype(np.float32) * ulp
+        else:
+            group = (base + rng.normal(size=(n, columns))).astype(np.float32)
+        rewards[(ids == 1000 - 37 * k).numpy()] = group
+    return torch.from_numpy(rewards), ids
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("std", ["group", "global"])
+@pytest.mark.parametrize("offset, seed", [(0.0, 11), (1e4, 12), (1e6, 13), (-1e6, 14)])
+def test_near_ties_and_large_offsets_match_float64_formula(backend, std, offset, seed, poisoned_allocations):
+    """The fp32 kernel against the tracker's float64 formula on the fp32 rewards: values within
+    1e-5 * (1 + |A|) (the module docstring's bound) and the same samples exactly 0."""
+    columns = 17 if offset > 0 else 1  # 17: two column blocks, the second one partly masked
+    rewards, ids = near_tied_batch(offset, columns, seed)
+    out = group_advantage(rewards, ids, std=std, backend=backend)
+    r64 = rewards.double().numpy()
+    expected = flow_grpo_tracker(ids.numpy(), r64, global_std=std == "global")
+    got = out.advantages.double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got == 0, expected == 0)
+    assert (expected == 0).any() and (np.abs(expected) > 0.5).any()  # tied groups and real signal
+    if std == "group" and offset == 0:
+        assert ((expected != 0) & (np.abs(expected) < 0.05)).any()  # near-ties: std << eps, tiny A kept
+    unique = ids.unique().tolist()
+    for gid in unique:
+        members = r64[(ids == gid).numpy()]
+        np.testing.assert_allclose(out.group_mean[unique.index(gid)].double().numpy(), members.mean(0),
+                                   rtol=1e-7, atol=0)
+        np.testing.assert_allclose(out.group_std[unique.index(gid)].double().numpy(), members.std(0),
+                                   rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_issue_cases_large_offset_and_near_tie(backend, poisoned_allocations):
+    """A group at 1e4 two ulps apart, and seven 3.0 against one 3.0 + 1e-6: an fp32 mean rounds
+    away the difference (giving -0.907 for -0.700, and zeroing the seven tied samples)."""
+    for values in ([1e4] * 5 + [1e4 + 2e-3] * 3, [3.0] * 7 + [3.0 + 1e-6]):
+        rewards = torch.tensor(values, dtype=torch.float32)
+        ids = torch.full((len(values),), 5, dtype=torch.int64)
+        out = group_advantage(rewards, ids, backend=backend)
+        expected = flow_grpo_tracker(ids.numpy(), rewards.double().numpy())
+        np.testing.assert_allclose(out.advantages.double().numpy(), expected, rtol=1e-6, atol=1e-7)
+        assert (out.advantages != 0).all()
+        assert out.zero_std_fraction == 0

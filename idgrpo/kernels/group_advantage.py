@@ -9,14 +9,35 @@ are different groups). For each group (and each reward column when rewards are (
            or, with std="global", the std of every finite reward in the batch
     A    = clip((r - mean) / (std + eps), -clip, clip)
 
-These are the semantics of Flow-GRPO's `PerPromptStatTracker` (population std + 1e-4,
-per column) followed by its advantage clamp. Degenerate cases are defined, not NaN:
+These are the semantics of the `PerPromptStatTracker` of Flow-GRPO and Identity-GRPO
+(float64 NumPy, `np.std` with its default ddof=0, + 1e-4, per column) followed by the
+trainer's advantage clamp. Which samples get an advantage of exactly 0 matters: the official
+trainer and `idgrpo.rl.trainer` both drop samples whose advantages are all zero. So both
+paths reproduce the formula's zeros, and degenerate cases are defined, not NaN:
 
 - a non-finite reward (NaN / ±Inf) is left out of every statistic, gets advantage 0
   and is counted in `nonfinite_count`;
 - a group whose finite rewards are all equal (this includes a group of one sample and a
-  group with no finite reward) has std 0, every advantage in it is exactly 0, and it is
-  counted in `zero_std_fraction`.
+  group with no finite reward) has std 0, every advantage in it is exactly 0 (the
+  formula's value; with eps=0 it would be 0/0), and it is counted in `zero_std_fraction`.
+  A group with two different finite rewards is never zeroed as a whole, however close the
+  rewards are: its advantages follow the formula.
+
+Numerics. The reference computes in float64. The Triton kernel works in fp32 and stays close
+to the float64 formula on the fp32 rewards whatever their common offset. A one-pass
+E[r^2] - E[r]^2, or even a plain fp32 mean, loses everything below ~6e-8 * |mean| (at a mean
+of 1e4 that is ~6e-4 of reward, the size of a near-tied group's spread) and can round a
+near-tied group's mean onto the tied value, zeroing those samples. The kernel instead shifts
+by the smallest finite reward s and carries the mean as s + offset: d = r - s is exact when r
+and s agree to within a factor of two (Sterbenz) and otherwise off by one rounding of a number
+no larger than the range R of the rewards; offset is the mean of the d, the centred value is
+(r - s) - offset, and the std comes from a second pass over centred values divided by R (in
+[-1, 1], so their squares neither overflow nor underflow). Every error is thus a multiple,
+growing with the group size n, of fp32 roundings of R, never of |mean|. As R <= sqrt(2n) std,
+an advantage is off by O(n^1.5 * 6e-8 * (1 + |A|)): a few 1e-7 for GRPO-sized groups, and
+the tests hold it to 1e-5 at offsets up to 1e6. Tied rewards give d = 0 exactly, so an
+all-equal group comes out exactly 0 by construction, and a reward exactly at a representable
+mean gets an exact 0, as in float64. std="global" uses the same scheme over the whole batch.
 
 Group ids are arbitrary int64 values (unsorted, not contiguous); per-group outputs are
 indexed by the compacted id, i.e. the order of `torch.unique(group_ids)`.
@@ -89,7 +110,7 @@ def group_advantage_reference(rewards, group_ids, *, std="group", eps=1e-4, unbi
     inf = torch.full_like(r, math.inf)
     gmax = torch.full((G, T), -math.inf, dtype=r.dtype).scatter_reduce(0, index, torch.where(finite, r, -inf), "amax")
     gmin = torch.full((G, T), math.inf, dtype=r.dtype).scatter_reduce(0, index, torch.where(finite, r, inf), "amin")
-    zero_std = (count <= ddof) | ~(gmax > gmin)  # all finite rewards equal (or none / too few)
+    zero_std = ~(gmax > gmin)  # all finite rewards equal, or none (count <= ddof implies this)
     group_std = torch.where(zero_std, torch.zeros_like(var), var.sqrt())
 
     if std == "global":
@@ -123,11 +144,69 @@ def group_advantage_reference(rewards, group_ids, *, std="group", eps=1e-4, unbi
 # ---------------------------------------------------------------------------------------------
 # Triton: samples are sorted by group id on device (sort + cumsum + scatter, no host read);
 # then ONE launch with one program per (group, block of reward columns) walks its members in
-# sorted order: pass 1 count/sum/min/max, pass 2 centred squares, pass 3 advantages. Every sum
-# runs in a fixed order in fp32, so the result is deterministic. With std="global" each
-# program also reduces the whole batch (the same fixed-order sum in every program).
+# sorted order. Each statistic is the shifted two-pass form of the module docstring's
+# "Numerics": pass 1 count/min/max, pass 2 sum of (r - min), pass 3 range-scaled centred
+# squares, then a last pass writes the advantages. Every sum runs in a fixed order in fp32, so
+# the result is deterministic. With std="global" each program also runs passes 1-3 over the
+# whole batch (positions 0..N of the same sorted order, the same block size), so every program
+# arrives at bit-identical global statistics.
 
 if triton is not None:
+
+    @triton.jit
+    def _load_sorted(rewards_ptr, perm_ptr, k, end, cols, col_mask, T, BLOCK: tl.constexpr):
+        """Rewards at sorted positions k..k+BLOCK (masked at `end`), their offsets and finiteness."""
+        rows = k + tl.arange(0, BLOCK)
+        row_mask = rows < end
+        idx = tl.load(perm_ptr + rows, mask=row_mask, other=0)
+        mask = row_mask[:, None] & col_mask[None, :]
+        offs = idx[:, None] * T + cols[None, :]
+        r = tl.load(rewards_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        finite = mask & (tl.abs(r) < float("inf"))  # false for NaN too
+        return r, finite, mask, offs
+
+    @triton.jit
+    def _shifted_stats(rewards_ptr, perm_ptr, start, end, cols, col_mask, T,
+                       DDOF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Statistics of the finite rewards at sorted positions start..end, per column.
+
+        Returns (count, nonfinite, shift, offset, std, zero_std) where mean = shift + offset:
+        `shift` is the smallest finite reward, so `offset` and every centred value are small
+        numbers computed without the cancellation a large common offset would cause.
+        """
+        count = tl.zeros((BLOCK_T,), tl.int32)
+        nonfinite = tl.zeros((BLOCK_T,), tl.int32)
+        hi = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+        lo = tl.full((BLOCK_T,), float("inf"), tl.float32)
+        for k in range(start, end, BLOCK):
+            r, finite, mask, offs = _load_sorted(rewards_ptr, perm_ptr, k, end, cols, col_mask, T, BLOCK)
+            count += tl.sum(finite.to(tl.int32), axis=0)
+            nonfinite += tl.sum((mask & ~finite).to(tl.int32), axis=0)
+            hi = tl.maximum(hi, tl.max(tl.where(finite, r, float("-inf")), axis=0))
+            lo = tl.minimum(lo, tl.min(tl.where(finite, r, float("inf")), axis=0))
+        # hi > lo is false exactly when all finite rewards are equal (or there are none); such a
+        # group has std 0 and every advantage in it is exactly 0, also when eps is 0.
+        zero_std = ~(hi > lo)
+        shift = tl.where(count > 0, lo, 0.0)
+        spread = tl.where(zero_std, 1.0, hi - lo)
+
+        total = tl.zeros((BLOCK_T,), tl.float32)
+        for k in range(start, end, BLOCK):
+            r, finite, mask, offs = _load_sorted(rewards_ptr, perm_ptr, k, end, cols, col_mask, T, BLOCK)
+            total += tl.sum(tl.where(finite, r - shift[None, :], 0.0), axis=0)
+        # IEEE-rounded (plain "/" may be off by an ulp on GPUs): an exactly representable mean
+        # must come out exact for a sample sitting on it to get an advantage of exactly 0.
+        offset = tl.math.div_rn(total, tl.maximum(count, 1).to(tl.float32))
+
+        # Centred values divided by the range lie in [-1, 1]: their squares neither overflow
+        # nor underflow in fp32 whatever the scale of the rewards.
+        squares = tl.zeros((BLOCK_T,), tl.float32)
+        for k in range(start, end, BLOCK):
+            r, finite, mask, offs = _load_sorted(rewards_ptr, perm_ptr, k, end, cols, col_mask, T, BLOCK)
+            scaled = tl.where(finite, ((r - shift[None, :]) - offset[None, :]) / spread[None, :], 0.0)
+            squares += tl.sum(scaled * scaled, axis=0)
+        std = tl.where(zero_std, 0.0, spread * tl.sqrt(squares / tl.maximum(count - DDOF, 1).to(tl.float32)))
+        return count, nonfinite, shift, offset, std, zero_std
 
     @triton.jit
     def _group_advantage_kernel(rewards_ptr, perm_ptr, seg_start_ptr, adv_ptr, mean_ptr, std_ptr, count_ptr,
@@ -139,80 +218,26 @@ if triton is not None:
         col_mask = cols < T
         start = tl.load(seg_start_ptr + g)
         end = tl.load(seg_start_ptr + g + 1)
-
-        total = tl.zeros((BLOCK_T,), tl.float32)
-        count = tl.zeros((BLOCK_T,), tl.int32)
-        nonfinite = tl.zeros((BLOCK_T,), tl.int32)
-        hi = tl.full((BLOCK_T,), float("-inf"), tl.float32)
-        lo = tl.full((BLOCK_T,), float("inf"), tl.float32)
-        for k in range(start, end, BLOCK_M):
-            rows = k + tl.arange(0, BLOCK_M)
-            row_mask = rows < end
-            idx = tl.load(perm_ptr + rows, mask=row_mask, other=0)
-            mask = row_mask[:, None] & col_mask[None, :]
-            r = tl.load(rewards_ptr + idx[:, None] * T + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            finite = mask & (tl.abs(r) < float("inf"))  # false for NaN too
-            total += tl.sum(tl.where(finite, r, 0.0), axis=0)
-            count += tl.sum(finite.to(tl.int32), axis=0)
-            nonfinite += tl.sum((mask & ~finite).to(tl.int32), axis=0)
-            hi = tl.maximum(hi, tl.max(tl.where(finite, r, float("-inf")), axis=0))
-            lo = tl.minimum(lo, tl.min(tl.where(finite, r, float("inf")), axis=0))
-        mean = total / tl.maximum(count, 1).to(tl.float32)
-
-        squares = tl.zeros((BLOCK_T,), tl.float32)
-        for k in range(start, end, BLOCK_M):
-            rows = k + tl.arange(0, BLOCK_M)
-            row_mask = rows < end
-            idx = tl.load(perm_ptr + rows, mask=row_mask, other=0)
-            mask = row_mask[:, None] & col_mask[None, :]
-            r = tl.load(rewards_ptr + idx[:, None] * T + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            finite = mask & (tl.abs(r) < float("inf"))
-            centered = tl.where(finite, r - mean[None, :], 0.0)
-            squares += tl.sum(centered * centered, axis=0)
-        # A group whose finite rewards are all equal has std exactly 0, whatever rounding
-        # the centred sum picked up.
-        zero_std = (count <= DDOF) | ~(hi > lo)
-        std = tl.where(zero_std, 0.0, tl.sqrt(squares / tl.maximum(count - DDOF, 1).to(tl.float32)))
-
+        count, nonfinite, shift, offset, std, zero_std = _shifted_stats(
+            rewards_ptr, perm_ptr, start, end, cols, col_mask, T, DDOF, BLOCK_M, BLOCK_T)
         if GLOBAL_STD:
-            g_total = tl.zeros((BLOCK_T,), tl.float32)
-            g_count = tl.zeros((BLOCK_T,), tl.int32)
-            for k in range(0, N, BLOCK_ALL):
-                rows = k + tl.arange(0, BLOCK_ALL)
-                mask = (rows < N)[:, None] & col_mask[None, :]
-                r = tl.load(rewards_ptr + rows[:, None] * T + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                finite = mask & (tl.abs(r) < float("inf"))
-                g_total += tl.sum(tl.where(finite, r, 0.0), axis=0)
-                g_count += tl.sum(finite.to(tl.int32), axis=0)
-            g_mean = g_total / tl.maximum(g_count, 1).to(tl.float32)
-            g_squares = tl.zeros((BLOCK_T,), tl.float32)
-            for k in range(0, N, BLOCK_ALL):
-                rows = k + tl.arange(0, BLOCK_ALL)
-                mask = (rows < N)[:, None] & col_mask[None, :]
-                r = tl.load(rewards_ptr + rows[:, None] * T + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                finite = mask & (tl.abs(r) < float("inf"))
-                centered = tl.where(finite, r - g_mean[None, :], 0.0)
-                g_squares += tl.sum(centered * centered, axis=0)
-            denominator = tl.sqrt(g_squares / tl.maximum(g_count - DDOF, 1).to(tl.float32)) + eps
+            _, _, _, _, global_std, _ = _shifted_stats(
+                rewards_ptr, perm_ptr, 0, N, cols, col_mask, T, DDOF, BLOCK_ALL, BLOCK_T)
+            denominator = global_std + eps
         else:
             denominator = std + eps
 
         for k in range(start, end, BLOCK_M):
-            rows = k + tl.arange(0, BLOCK_M)
-            row_mask = rows < end
-            idx = tl.load(perm_ptr + rows, mask=row_mask, other=0)
-            mask = row_mask[:, None] & col_mask[None, :]
-            offs = idx[:, None] * T + cols[None, :]
-            r = tl.load(rewards_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            finite = mask & (tl.abs(r) < float("inf"))
-            adv = (r - mean[None, :]) / denominator[None, :]
+            r, finite, mask, offs = _load_sorted(rewards_ptr, perm_ptr, k, end, cols, col_mask, T, BLOCK_M)
+            # centred exactly as in the squares pass: a tied or at-the-mean reward gives an exact 0
+            adv = ((r - shift[None, :]) - offset[None, :]) / denominator[None, :]
             if HAS_CLIP:
                 adv = tl.minimum(tl.maximum(adv, -clip), clip)
             adv = tl.where(finite & ~zero_std[None, :], adv, 0.0)
             tl.store(adv_ptr + offs, adv, mask=mask)
 
         out = g * T + cols
-        tl.store(mean_ptr + out, mean, mask=col_mask)
+        tl.store(mean_ptr + out, shift + offset, mask=col_mask)
         tl.store(std_ptr + out, std, mask=col_mask)
         tl.store(count_ptr + out, count.to(tl.int64), mask=col_mask)
         tl.store(zero_ptr + out, zero_std.to(tl.float32), mask=col_mask)
