@@ -24,12 +24,15 @@ setup(
         "safetensors>=0.4",
         "tyro>=0.8",
         "tqdm",
+        # Video and image I/O (media.py) is part of every command a user runs first: `idgrpo demo` writes PNG/GIF,
+        # `score` and `synth-pairs` read videos, GRPO runs save sample videos. PyAV's wheels bundle FFmpeg, so this
+        # needs no system library; a pure-Python PNG/GIF writer would still leave video reading behind an extra.
+        "av>=12",
     ],
     extras_require={
         # diffusers / transformers are test oracles for weight-format parity only: the
         # package never imports them at run time.
-        "dev": ["pytest", "pytest-xdist", "ruff", "diffusers", "transformers", "av", "tokenizers"],
-        "video": ["av"],
+        "dev": ["pytest", "pytest-xdist", "ruff", "diffusers", "transformers", "tokenizers", "peft"],
         "vlm": ["tokenizers"],
         # GPU machines only. NVIDIA apex is also picked up when importable, but it is built
         # from NVIDIA's sources: the registry package named `apex` is an unrelated project.

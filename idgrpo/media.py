@@ -1,4 +1,4 @@
-"""Video and image I/O as uint8 tensors, on PyAV (the `video` extra: pip install "idgrpo[video]").
+"""Video and image I/O as uint8 tensors, on PyAV (a required dependency; its wheels bundle FFmpeg).
 
     frames = read_video("clip.mp4", num_frames=5)   # uint8 (5, H, W, 3), uniformly sampled
     frames = read_video("frames_dir/")              # a folder of images, sorted by file name
@@ -29,7 +29,7 @@ def _av():
     try:
         import av
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError('video/image I/O needs PyAV: pip install "idgrpo[video]" (or pip install av)') from e
+        raise ImportError("video/image I/O needs PyAV, a dependency of idgrpo: pip install av") from e
     return av
 
 
