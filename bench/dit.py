@@ -33,13 +33,13 @@ from idgrpo.models.wan_dit import WanConfig, WanDiT
 # Peak dense bf16 tensor FLOP/s by device name (SXM parts; the MFU column is empty elsewhere).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12}
 
-# (preset, label, latent (C, F, H, W)) -- 16 x ((T-1)/4+1) x H/8 x W/8 (spec §1.2)
+# (preset, label, latent (C, F, H, W)) -- 16 x ((T-1)/4+1) x H/8 x W/8 (docs/models.md#dit-tensor-conventions)
 FULL_CASES = [
     ("t2v-1.3b", "240x416x33", (16, 9, 30, 52)),
     ("t2v-1.3b", "480x832x81", (16, 21, 60, 104)),
     ("t2v-14b", "240x416x33", (16, 9, 30, 52)),
     ("t2v-14b", "480x832x81", (16, 21, 60, 104)),
-    # Identity-GRPO's rollout: VACE-1.3B, 2 reference frames prepended (spec §2.4).
+    # Identity-GRPO's rollout: VACE-1.3B, 2 reference frames prepended (docs/models.md#vace-context).
     ("vace-1.3b", "240x416x33+2ref", (16, 11, 30, 52)),
 ]
 QUICK_CASES = [("tiny", "64x64x9 (tiny)", (16, 3, 8, 8)), ("tiny-vace", "64x64x9 (tiny)", (16, 3, 8, 8))]

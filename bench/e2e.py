@@ -9,7 +9,7 @@ Usage:
 Environment: IDGRPO_E2E_REWARDS = comma list of reward models to run (compact, vlm; default both, vlm only when
 `tokenizers` is importable); IDGRPO_E2E_REPS = repetitions (default 2; the spread needs at least 2).
 
-Recipe (spec §6.3): Wan2.1-VACE-1.3B architecture with random weights + LoRA r 32 (Gaussian A, zero B),
+Recipe (docs/recipe.md): Wan2.1-VACE-1.3B architecture with random weights + LoRA r 32 (Gaussian A, zero B),
 240x416x33 with 2 reference images (VACE context from the Wan VAE, references prepended: 11 latent frames),
 25 steps (24 trained), CFG 4.5 (negative-prompt branch), group 8, per-device batch 4 (rollout and update micro-
 batch), 8 rollout batches = 4 prompts x 8 videos per epoch, KL 0.004 against the adapters-off policy, bf16 compute,

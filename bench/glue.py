@@ -4,7 +4,8 @@ and 3-D RoPE, at Wan2.1-1.3B shapes (81x480x832 -> 32,760 tokens, width 1536, 12
 For each op, forward and forward+backward: the Triton kernel and the eager PyTorch reference
 (the same `*_reference` functions the tests trust), the ideal bytes moved (every input read
 once, every output written once), the achieved GB/s, and that as a fraction of a
-device-to-device copy measured in the same run. Dtypes follow the Wan block (§1.5): the
+device-to-device copy measured in the same run. Dtypes follow the Wan block
+(docs/models.md#dit-numerics-and-precision): the
 residual stream is fp32, projections are bf16, LN-modulate writes bf16 for the next matmul.
 
 Usage:

@@ -2,7 +2,8 @@
 velocity), and group advantages.
 
 Latents are Wan-1.3B's 16x21x60x104 (81x480x832) and Identity-GRPO's 16x9x30x52 (33x240x416),
-batch = one group of 8, fp32 as the sampler keeps them (spec §6.3). For each op: the Triton
+batch = one group of 8, fp32 as the sampler keeps them
+(docs/models.md#sde-step-and-log-probability). For each op: the Triton
 path and the eager reference (the same `*_reference` functions the tests trust), the ideal
 bytes moved (every latent-sized input read once, every output written once), the achieved
 GB/s, and that as a fraction of a device-to-device copy of one latent measured in the same

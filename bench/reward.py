@@ -7,7 +7,7 @@ Usage:
 What one "video scored" is: `reward.score(frames, references, prompts)` on a batch of videos of 5
 uint8 frames (B, 5, H, W, 3) on the device, each with two uint8 reference images of REFERENCE_SIZE,
 returning (B,) rewards. The timing includes everything the GRPO trainer pays per call: frame
-sampling (5 -> 4 frames for the VLM, MODELS.md §7.5), resizing and patchifying on the device, the
+sampling (5 -> 4 frames for the VLM, docs/models.md#qwen-input-pipeline), resizing and patchifying on the device, the
 chat template, tokenization and M-RoPE positions on the host, the forward. `forward_ms` is the model
 alone on an already encoded batch.
 

@@ -1,5 +1,6 @@
 """VACE context and Phantom reference latents: resize/pad rule, mask pixel-unshuffle and time resampling
-(written out from spec §2.4), per-sample equivalence of the batched builder, reference order, bad input."""
+(written out from docs/models.md#vace-context), per-sample equivalence of the batched builder, reference
+order, bad input."""
 
 import pytest
 import torch

@@ -1,5 +1,6 @@
 """grpo_step / grpo_loss: Triton (interpreter, fp32) against the float64 reference, the
-closed-form formulas of spec §6.3, autograd of the reference, and the on-policy identity."""
+closed-form formulas of docs/models.md#sde-step-and-log-probability, autograd of the reference, and the
+on-policy identity."""
 
 import math
 
@@ -29,7 +30,8 @@ def poisoned_allocations(monkeypatch):
 
 
 def diffusers_flow_sigmas(steps=25, shift=3.0):
-    """UniPC use_flow_sigmas: shift(linspace(1, 0.001, N+1)[:N]), then 0 appended (spec §6.2)."""
+    """UniPC use_flow_sigmas: shift(linspace(1, 0.001, N+1)[:N]), then 0 appended
+    (docs/models.md#sigma-schedules-and-shift)."""
     base = torch.linspace(1, 0.001, steps + 1, dtype=torch.float64)[:steps]
     sigmas = shift * base / (1 + (shift - 1) * base)
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
@@ -49,7 +51,7 @@ def step_inputs(shape, schedule, seed, steps=(0, 7, 19)):
 
 def test_schedule_and_noise_std_match_spec_formulas():
     sigmas = diffusers_flow_sigmas()
-    assert abs(float(sigmas[1]) - 0.98632) < 1e-5  # spec §6.2 table
+    assert abs(float(sigmas[1]) - 0.98632) < 1e-5  # docs/models.md#sigma-schedules-and-shift
     sigma = torch.tensor([1.0, float(sigmas[1]), float(sigmas[10]), float(sigmas[24])], dtype=torch.float64)
     sigma_next = torch.tensor([float(sigmas[1]), float(sigmas[2]), float(sigmas[11]), 0.0], dtype=torch.float64)
     s1 = float(sigmas[1])
@@ -68,7 +70,8 @@ def test_schedule_and_noise_std_match_spec_formulas():
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("schedule", ["identity_grpo", "flow_grpo"])
 def test_step_matches_closed_form(backend, schedule):
-    """μ, x' and log p written out elementwise from spec §6.3, independently of the module."""
+    """μ, x' and log p written out elementwise from docs/models.md#sde-step-and-log-probability,
+    independently of the module."""
     x, v, noise, sigma, sigma_next, std = step_inputs((3, 4, 3, 5, 7), schedule, seed=10)
     x_next, log_prob, mean = grpo_step(x.float(), v.float(), sigma.float(), sigma_next.float(), std.float(),
                                        noise.float(), backend=backend)
@@ -161,7 +164,7 @@ def test_loss_and_gradient_match_float64_autograd(shape, schedule, with_ref, poi
 
 
 def test_gradient_is_elementwise_times_per_sample_scalars():
-    """Closed form of d loss / d v (spec §6.3): for sample b with active policy gradient,
+    """Closed form of d loss / d v (docs/models.md#loss-and-kl): for sample b with active policy gradient,
     (1/B)·[−A·ratio·(x'−μ) + β·(μ−μ_ref)]·cv/(var·M)."""
     shape = (2, 3, 1, 4, 5)
     x, x_next, v, old_lp, adv, sigma, sigma_next, std, ref_mean = loss_inputs(shape, "flow_grpo", 50, True)

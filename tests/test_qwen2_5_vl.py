@@ -185,7 +185,8 @@ def test_config_from_transformers_config_json_both_layouts():
     assert Qwen2_5_VLConfig.from_hf(hf_config_dict(c)) == c
     three_b = Qwen2_5_VLConfig.from_name("3b")
     assert three_b.head_dim == 128 and three_b.vision.head_dim == 80
-    # The reward checkpoint's config.json (flat 4.51 layout, MODELS.md §7.1), vocabulary resized to 151,666.
+    # The reward checkpoint's config.json (flat 4.51 layout, docs/models.md#qwen-configuration), vocabulary
+    # resized to 151,666.
     published = {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "hidden_size": 2048,
         "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 2,
@@ -200,7 +201,7 @@ def test_config_from_transformers_config_json_both_layouts():
     assert Qwen2_5_VLConfig.from_hf(published) == dataclasses.replace(three_b, vocab_size=151666)
     with torch.device("meta"):
         params = sum(p.numel() for p in Qwen2_5_VL(three_b).parameters())
-    assert abs(params / 1e9 - 3.75) < 0.01  # MODELS.md §7.1: about 3.75B unique
+    assert abs(params / 1e9 - 3.75) < 0.01  # docs/models.md#qwen-configuration: about 3.75B unique
     with pytest.raises(ValueError, match="mrope_section"):
         Qwen2_5_VLConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
 

@@ -184,7 +184,8 @@ def test_position_ids_equal_reference_get_rope_index_for_images_videos_and_paddi
 
 
 def test_text_after_a_long_video_resumes_after_its_largest_temporal_position():
-    # transformers 4.51 (the reward model's version, and MODELS.md §7.3) resumes text at max position + 1;
+    # transformers 4.51 (the reward model's version, and docs/models.md#language-model-and-m-rope) resumes
+    # text at max position + 1;
     # transformers >= 5 resumes at start + max(h, w) / 2, which differs only when the temporal positions
     # outrun the spatial ones, as here: 4 temporal patches 2 positions apart on a 2x2 merged grid.
     ids = torch.tensor([[7, 8] + [301] * 16 + [9]])

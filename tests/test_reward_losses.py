@@ -1,4 +1,4 @@
-"""BT / BTT losses against their closed-form formulas (spec MODELS.md §7.6)."""
+"""BT / BTT losses against their closed-form formulas (docs/models.md#preference-losses)."""
 
 import math
 
@@ -37,7 +37,7 @@ def test_btt_matches_closed_form_with_invalid_masked(k):
 
 
 def test_btt_spec_form_and_symmetry():
-    # Spec §7.6 written out: d = r_c - r_r; tie uses r_c = r_B, r_r = r_A and is symmetric.
+    # docs/models.md#preference-losses written out: d = r_c - r_r; tie uses r_c = r_B, r_r = r_A and is symmetric.
     ra, rb = torch.tensor([0.7, -0.3]), torch.tensor([0.2, 1.1])
     d_win = 0.7 - 0.2
     win = -math.log(_sigmoid(d_win - math.log(5)))

@@ -18,7 +18,7 @@ def poisoned_allocations(monkeypatch):
 
 
 def _wan_complex_rotation(grid, head_dim, theta=10000.0):
-    """exp(i * angle) per (token, complex pair), float64 complex, written from the spec:
+    """exp(i * angle) per (token, complex pair), float64 complex, written from docs/models.md#wan-rope:
     axis dims d_t = d - 4*floor(d/6), d_h = d_w = 2*floor(d/6); omega_{a,k} = theta^(-2k/d_a)."""
     d_hw = 2 * (head_dim // 6)
     dims = [head_dim - 2 * d_hw, d_hw, d_hw]

@@ -1,7 +1,8 @@
 """Wan2.1 DiT / VACE / Phantom against diffusers (the oracle), weight formats and their errors.
 
 Tiny random configs (dim 64, 2 heads, 2-4 layers, 3x4x6 latents); the text context is padded to
-the real 512 rows, as the spec's pitfall 1 requires."""
+the real 512 rows, as docs/models.md#pitfall-text-padding-is-attended
+requires."""
 
 import json
 
@@ -120,7 +121,7 @@ def test_vace_matches_diffusers_with_several_vace_layers(vace):
 def test_original_format_keys_load_through_the_mapping(t2v, vace, tmp_path):
     for config, ref, _ in (t2v, vace):
         original = to_original_state_dict(ref.state_dict())
-        # Spec §1.6 / §2.3 spot checks, including the norm2/norm3 swap and the two proj_out's.
+        # docs/models.md#dit-checkpoint-layouts spot checks, including the norm2/norm3 swap and the two proj_out's.
         assert "blocks.0.norm3.weight" in original and "blocks.0.norm2.weight" not in original
         assert torch.equal(original["head.head.weight"], ref.state_dict()["proj_out.weight"])
         assert {"head.modulation", "blocks.1.modulation", "time_projection.1.weight", "text_embedding.2.bias",
@@ -355,7 +356,8 @@ def test_config_validation():
     with torch.device("meta"):
         counts = {n: sum(p.numel() for p in WanDiT(c).parameters()) for n, c in presets.items()
                   if n in ("t2v-1.3b", "vace-1.3b")}
-    assert counts == {"t2v-1.3b": 1_418_996_800, "vace-1.3b": 2_153_972_032}  # spec §1.1
+    # docs/models.md#dit-configurations-and-presets
+    assert counts == {"t2v-1.3b": 1_418_996_800, "vace-1.3b": 2_153_972_032}
 
 
 def test_triton_kernels_inside_the_model_match_the_reference(monkeypatch):

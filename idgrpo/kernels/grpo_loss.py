@@ -1,4 +1,5 @@
-"""The flow-matching SDE step with its Gaussian log-probability, and the GRPO loss (spec §6.3).
+"""The flow-matching SDE step with its Gaussian log-probability, and the GRPO loss
+(docs/models.md#sde-step-and-log-probability, #grpo-objective).
 
 With σ the current and σ' the next noise level (dt = σ' − σ < 0), s_t the noise level of
 the schedule (`sde_noise_std`) and v the velocity, one Euler–Maruyama step of

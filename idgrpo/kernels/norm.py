@@ -2,7 +2,8 @@
 gated residual add.
 
 All statistics and arithmetic run in fp32 (float64 inputs stay float64); outputs take the
-input dtype unless stated. Spec: MODELS.md §1.3 (Wan block), §1.5 (precision), §7 (Qwen).
+input dtype unless stated. Where they are used: docs/models.md#transformer-block (Wan block),
+#dit-numerics-and-precision and #qwen-reward-backbone (Qwen).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Rotary position embeddings: Wan's 3-D RoPE (interleaved pairs) and Qwen2.5-VL's M-RoPE
 (rotate-half pairs), both applied by one op with a pairing flag.
 
-Spec: MODELS.md §1.4 (Wan: head_dim split d_t = d - 4*floor(d/6), d_h = d_w = 2*floor(d/6),
+docs/models.md#wan-rope (Wan: head_dim split d_t = d - 4*floor(d/6), d_h = d_w = 2*floor(d/6),
 each axis with its own exponent denominator, theta 10000, interleaved (2i, 2i+1) pairs) and
-§7.3 (Qwen: inv_freq = theta^(-2k/D), sections [16, 24, 24] over the D/2 frequency slots,
+#language-model-and-m-rope (Qwen: inv_freq = theta^(-2k/D), sections [16, 24, 24] over the D/2 frequency slots,
 rotate-half pairs (i, i + D/2)). Tables are built in float64 and stored in fp32.
 """
 

@@ -1,5 +1,5 @@
-"""Reference-image conditioning for VACE (96-channel context, spec §2.4) and Phantom (appended clean
-reference latents, spec §3), built per sample and batched.
+"""Reference-image conditioning for VACE (96-channel context, docs/models.md#vace-context) and Phantom
+(appended clean reference latents, docs/models.md#phantom), built per sample and batched.
 
 References arrive as the reward interface has them: a list (one entry per sample) of lists of uint8
 (h, w, 3) images of any size; each sample may have 1 or 2 (or more) references.

@@ -7,7 +7,8 @@ tokens (from a local `tokenizer.json` through `tokenizers`) and M-RoPE position 
                         {"type": "text", "text": "..."}]])
     hidden = model(batch.input_ids, batch.position_ids, lengths=batch.lengths, ...)
 
-Spec: MODELS.md §7.2-7.3 and §7.5 (input layout). What the reference does, step by step:
+Facts: docs/models.md#vision-tower, #language-model-and-m-rope, #qwen-input-pipeline and
+#reward-head-and-reward-token (input layout). What the reference does, step by step:
 - `smart_resize`: H and W rounded to multiples of patch*merge (28) with the pixel count kept in
   [min_pixels, max_pixels]; bicubic anti-aliased resize (Note [resize]); rescale 1/255; CLIP mean/std.
 - videos: `nframes` rounded to a multiple of the temporal patch with Python `round` (5 -> 4), sampled with

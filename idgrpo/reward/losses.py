@@ -1,4 +1,5 @@
-"""Pairwise preference losses for reward models (spec MODELS.md §7.6, VideoAlign `trainer.py`).
+"""Pairwise preference losses for reward models (docs/models.md#preference-losses, after VideoAlign
+`trainer.py`).
 
 Labels per pair (A, B), as integer tensors:
     PREFER_A = 1, PREFER_B = -1, TIE = 0, INVALID = 22 (masked: contributes 0 to the sum but
@@ -37,8 +38,8 @@ def bt_loss(reward_a: torch.Tensor, reward_b: torch.Tensor, labels: torch.Tensor
 
 
 def btt_loss(reward_a: torch.Tensor, reward_b: torch.Tensor, labels: torch.Tensor, k: float = 5.0) -> torch.Tensor:
-    """Rao-Kupper Bradley-Terry-with-ties loss (spec §7.6); k > 1. Invalid labels (anything outside
-    {1, -1, 0}) are masked and still count in the mean's denominator. Returns a scalar in fp32."""
+    """Rao-Kupper Bradley-Terry-with-ties loss (docs/models.md#preference-losses); k > 1. Invalid labels
+    (anything outside {1, -1, 0}) are masked and still count in the mean's denominator. Returns a scalar in fp32."""
     if k <= 1:
         raise ValueError(f"btt_loss needs k > 1 (ln(k^2 - 1) must exist), got {k}")
     log_k = math.log(k)
