@@ -117,6 +117,23 @@ def test_from_pretrained_directory(tmp_path, pair):
         UMT5Encoder(UMT5Config.from_name("tiny")).load_state_dict_any({"shared.weight": torch.zeros(384, 32)})
 
 
+def test_config_json_of_another_model_or_another_t5(tmp_path, pair):
+    """Beside the DiT's config.json (the original Wan2.1 folder) the T5 .pth loads with its shapes as the config;
+    a T5 config.json whose FFN is not gated-gelu is refused, naming the file."""
+    from idgrpo.models.weights import CheckpointError
+
+    ref, ours = pair
+    (tmp_path / "config.json").write_text('{"_class_name": "WanModel", "dim": 1536, "num_heads": 12}')
+    torch.save(ours.state_dict(), tmp_path / "models_t5_umt5-tiny-enc.pth")
+    loaded = UMT5Encoder.from_pretrained(tmp_path / "models_t5_umt5-tiny-enc.pth", dtype=torch.float32)
+    assert loaded.config.dim == 32 and loaded.config.num_layers == 2
+    ref.save_pretrained(tmp_path / "t5")
+    config = tmp_path / "t5" / "config.json"
+    config.write_text(config.read_text().replace('"gated-gelu"', '"relu"'))
+    with pytest.raises(CheckpointError, match=r"t5/config.json: feed_forward_proj='relu'"):
+        UMT5Encoder.from_pretrained(tmp_path / "t5")
+
+
 def test_tokenizer(tmp_path):
     tok = UMT5Tokenizer(make_tokenizer_json(tmp_path / "tokenizer.json"), text_len=6)
     batch = tok(["a cat", "two  people &amp;amp; walk", "a cat a cat a cat a cat"])

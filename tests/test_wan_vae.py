@@ -183,3 +183,47 @@ def test_chunked_decode_keeps_activations_bounded():
     assert max(seen) == 21  # whole-sequence decode: the last stage sees every frame at once
     for h in hooks:
         h.remove()
+
+
+def test_diffusers_config_json_gives_the_shape_and_latent_statistics(tmp_path):
+    """A non-default AutoencoderKLWan (other widths, 4 latent channels, time halved once, its own latents_mean /
+    latents_std) saved by diffusers loads from its folder alone, and encodes / decodes as diffusers does."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                     temperal_downsample=[False, True, False], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                                     latents_std=[1.5, 0.5, 2.0, 1.0]).eval()  # fmt: skip
+    _perturb(ref, seed=10)
+    ref.save_pretrained(tmp_path / "vae")
+    ours = WanVAE.from_pretrained(tmp_path / "vae")
+    assert ours.config.temporal_factor == 2 and ours.config.latents_std == (1.5, 0.5, 2.0, 1.0)
+    mean = torch.tensor(ref.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(ref.config.latents_std).view(1, -1, 1, 1, 1)
+    video = randn(1, 3, 5, 16, 16, seed=11).clamp(-1, 1)
+    with torch.no_grad():
+        mu = ref.encode(video).latent_dist.mode()
+        decoded = ref.decode(mu).sample
+    z = ours.encode(video)
+    assert z.shape == (1, 4, 3, 2, 2)
+    torch.testing.assert_close(z, (mu - mean) / std, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.decode(z), decoded, rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_or_mismatched_vae_configs_name_the_file(tmp_path):
+    from idgrpo.models.weights import CheckpointError
+
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.AutoencoderKLWan(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+    ref.save_pretrained(tmp_path / "vae")
+    config = tmp_path / "vae" / "config.json"
+    raw = config.read_text()
+    config.write_text(raw.replace('"is_residual": false', '"is_residual": true'))
+    with pytest.raises(CheckpointError, match=r"vae/config.json: AutoencoderKLWan settings .*'is_residual': True"):
+        WanVAE.from_pretrained(tmp_path / "vae")
+    config.write_text(raw.replace('"z_dim": 16', '"z_dim": 15'))
+    with pytest.raises(CheckpointError, match=r"vae/config.json: latents_mean/latents_std need z_dim=15"):
+        WanVAE.from_pretrained(tmp_path / "vae")
+    # A bare .pth carries no config: a config of another shape does not fit, and the error says what to pass.
+    torch.save(ref.state_dict(), tmp_path / "small_vae.pth")
+    with pytest.raises(CheckpointError, match=r"(?s)small_vae.pth does not fit WanVAE.*mis-shaped.*config=WanVAEC"):
+        WanVAE.from_pretrained(tmp_path / "small_vae.pth", WanVAEConfig(base_dim=4, dim_mult=(1, 2, 2, 2)))

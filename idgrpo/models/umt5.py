@@ -8,8 +8,8 @@ layer has its own relative-position bias table (32 bidirectional log buckets, ma
 FFN is gated GELU(tanh) (`gate` = HF wi_0, `fc1` = wi_1); T5 RMSNorm with fp32 statistics and no bias.
 
 Usage:
-    encoder = UMT5Encoder.from_pretrained("Wan2.1-T2V-1.3B/umt5", dtype=torch.bfloat16, device="cuda")
-    tokenizer = UMT5Tokenizer("Wan2.1-T2V-1.3B/umt5/tokenizer.json")
+    encoder = UMT5Encoder.from_pretrained("Wan2.1-T2V-1.3B-Diffusers", dtype=torch.bfloat16, device="cuda")
+    tokenizer = UMT5Tokenizer("Wan2.1-T2V-1.3B-Diffusers/tokenizer/tokenizer.json")
     batch = tokenizer(["a cat", "two people talking"])
     context, lengths = encoder.encode(batch.ids.cuda(), batch.mask.cuda())  # (B, 512, 4096), zero past lengths
 """
@@ -17,7 +17,6 @@ Usage:
 from __future__ import annotations
 
 import html
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -87,8 +86,10 @@ class UMT5Config:
                    num_layers=num_layers, num_buckets=num_buckets, **overrides)  # fmt: skip
 
     @classmethod
-    def from_hf_json(cls, path: str | Path, **overrides) -> UMT5Config:
-        c = json.loads(Path(path).read_text())
+    def from_hf_config(cls, c: dict, **overrides) -> UMT5Config:
+        """The config of a transformers `UMT5EncoderModel` / `T5EncoderModel` config.json."""
+        if c.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
+            raise ValueError(f"feed_forward_proj={c['feed_forward_proj']!r}: the umT5 encoder is gated-gelu")
         return cls(
             vocab_size=c["vocab_size"], dim=c["d_model"], num_heads=c["num_heads"], head_dim=c["d_kv"],
             ffn_dim=c["d_ff"], num_layers=c["num_layers"],
@@ -96,6 +97,10 @@ class UMT5Config:
             max_distance=c.get("relative_attention_max_distance", 128),
             eps=c.get("layer_norm_epsilon", 1e-6), **overrides,
         )  # fmt: skip
+
+
+def is_hf_t5_config(raw: dict) -> bool:
+    return raw.get("model_type") in ("umt5", "t5", "mt5") or ("d_model" in raw and "_class_name" not in raw)
 
 
 def relative_position_bucket(rel: torch.Tensor, num_buckets: int = 32, max_distance: int = 128) -> torch.Tensor:
@@ -232,38 +237,35 @@ class UMT5Encoder(nn.Module):
         path: str | Path,
         config: UMT5Config | None = None,
         *,
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
     ) -> UMT5Encoder:
-        """Load from a directory (HF config.json + *.safetensors, or a Wan `*.pth`) or a single weights file.
+        """Load a transformers `text_encoder/` folder (config.json + safetensors, sharded or not), a diffusers
+        pipeline root, a Wan `models_t5_*.pth` (weights_only) or the original Wan2.1 folder holding it, or any
+        single weights file. The config comes from
+        `config`, else config.json, else the weight shapes. `dtype` None: the checkpoint's own
+        (docs/data-and-checkpoints.md).
 
         The module is built on the meta device and the weights are assigned, so 5.7B parameters are
         never materialised twice."""
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: umT5 weights not found")
-        directory = path if path.is_dir() else path.parent
-        if path.is_dir():
-            files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.pth"))
-            if not files:
-                raise FileNotFoundError(f"{path}: no *.safetensors or *.pth weights in this directory")
-        else:
-            files = [path]
-        state_dict: dict[str, torch.Tensor] = {}
-        for f in files:
-            if f.suffix == ".safetensors":
-                from safetensors.torch import load_file
+        from idgrpo.models.weights import CheckpointError, WeightFiles, locate
 
-                state_dict.update(load_file(str(f)))
-            else:
-                state_dict.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
-        state_dict = {k: v.to(device=device, dtype=dtype) for k, v in to_wan_layout(state_dict).items()}
-        if config is None:  # HF config.json when there is one, else the shapes of the weights
-            config = UMT5Config.from_hf_json(directory / "config.json") if (directory / "config.json").exists() \
-                else UMT5Config.from_state_dict(state_dict)  # fmt: skip
+        source = locate(path, "text_encoder", what="umT5", is_config=is_hf_t5_config, own_file="models_t5_*.pth")
+        tensors = WeightFiles(source.files)
+        if dtype is None:
+            dtype = tensors.default_dtype()
+        stored = to_wan_layout({key: key for key in tensors})  # Wan name -> stored name; HF decoder keys dropped
+        state_dict = {name: tensors[key].to(device=device, dtype=dtype) for name, key in stored.items()}
+        if config is None and source.config is not None:
+            config = source.parse_config(UMT5Config.from_hf_config)
+        elif config is None:
+            try:
+                config = UMT5Config.from_state_dict(state_dict)
+            except ValueError as e:
+                raise CheckpointError(f"{source.path}: {e}") from e
         with torch.device("meta"):
             model = cls(config)
-        model.load_state_dict_any(state_dict, source=str(path))
+        model.load_state_dict_any(state_dict, source=str(source.path))
         return model.eval()
 
 

@@ -13,7 +13,7 @@ sees frame 0 as zeros). Encoding and decoding are therefore one code path: `enco
 `chunk_frames` bounds activation memory (decode of 81 frames at 480x832 holds only one chunk).
 
 Usage:
-    vae = WanVAE.from_pretrained("Wan2.1_VAE.pth")          # or a diffusers vae/ directory
+    vae = WanVAE.from_pretrained("Wan2.1_VAE.pth")          # or a diffusers vae/ folder, or a pipeline root
     z = vae.encode(video)          # (B, 3, 1+4k, H, W) in [-1, 1] -> normalised (B, 16, 1+k, H/8, W/8)
     video = vae.decode(z)          # -> (B, 3, 1+4k, H, W) in [-1, 1]
 """
@@ -76,6 +76,20 @@ class WanVAEConfig:
             raise ValueError(f"latents_mean/latents_std need z_dim={self.z_dim} entries")
         if any(s <= 0 for s in self.latents_std):
             raise ValueError("latents_std must be positive")
+
+    @classmethod
+    def from_diffusers(cls, raw: dict) -> WanVAEConfig:
+        """The config of a diffusers `AutoencoderKLWan` config.json; refuses what this Wan2.1 VAE does not build
+        (Wan2.2's residual, patched VAE; attention outside the middle blocks)."""
+        built = {"attn_scales": [], "is_residual": False, "patch_size": None, "in_channels": 3, "out_channels": 3,
+                 "decoder_base_dim": raw.get("base_dim", 96)}  # what this VAE builds; absent or null is fine too
+        unsupported = {k: raw[k] for k, value in built.items() if raw.get(k) not in (value, None)}
+        if unsupported:
+            raise ValueError(f"AutoencoderKLWan settings this Wan2.1 VAE does not support: {unsupported}")
+        names = {"base_dim": "base_dim", "z_dim": "z_dim", "dim_mult": "dim_mult", "num_res_blocks": "num_res_blocks",
+                 "temporal_downsample": "temperal_downsample",  # sic: the diffusers spelling
+                 "latents_mean": "latents_mean", "latents_std": "latents_std"}
+        return cls(**{ours: raw[theirs] for ours, theirs in names.items() if raw.get(theirs) is not None})
 
     @classmethod
     def from_name(cls, name: str) -> WanVAEConfig:
@@ -395,32 +409,31 @@ class WanVAE(nn.Module):
 
         check_keys({k: tuple(v.shape) for k, v in self.state_dict().items()},
                    {k: tuple(v.shape) for k, v in state_dict.items()}, source=source,
-                   target=f"WanVAE({self.config})")
+                   target=f"WanVAE({self.config})", hint="the model's shapes come from its config: a diffusers vae/ "
+                   "folder carries it in config.json; for a bare .pth of another shape pass config=WanVAEConfig(...)")
         self.load_state_dict(state_dict, strict=True)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: WanVAEConfig | None = None,
-                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> WanVAE:  # fmt: skip
-        """Load `Wan2.1_VAE.pth` (weights_only), a .safetensors file, or a diffusers `vae/` directory."""
-        path = Path(path)
-        if path.is_dir():
-            files = sorted(path.glob("*.safetensors"))
-            if not files:
-                raise FileNotFoundError(f"{path}: no *.safetensors file in this VAE directory")
-            path = files[0]
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: VAE checkpoint not found")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+                        dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> WanVAE:  # fmt: skip
+        """Load `Wan2.1_VAE.pth` (weights_only) or the original Wan2.1 folder holding it, a .safetensors file, a
+        diffusers `vae/` folder (its config.json, latents_mean/latents_std included, gives the config unless
+        `config` is passed) or a diffusers pipeline root. `dtype` None: the checkpoint's own
+        (docs/data-and-checkpoints.md)."""
+        from idgrpo.models.weights import WeightFiles, locate
 
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-                sd = sd["state_dict"]
+        source = locate(path, "vae", what="Wan VAE", is_config=is_diffusers_vae_config, own_file="*VAE*.pth")
+        if config is None:
+            config = source.parse_config(WanVAEConfig.from_diffusers) if source.config else WanVAEConfig()
+        tensors = WeightFiles(source.files)
         model = cls(config)
-        model.load_state_dict_any(sd, source=str(path))
-        return model.to(device=device, dtype=dtype).eval()
+        model.load_state_dict_any(dict(tensors.items()), source=str(source.path))
+        return model.to(device=device, dtype=tensors.default_dtype() if dtype is None else dtype).eval()
+
+
+def is_diffusers_vae_config(raw: dict) -> bool:
+    name = raw.get("_class_name")
+    return name == "AutoencoderKLWan" if name else "base_dim" in raw
 
 
 def diffusers_to_original_key(key: str, config: WanVAEConfig | None = None) -> str:

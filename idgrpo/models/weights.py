@@ -3,7 +3,7 @@
 Layouts read (spec §1.6, §2.3, §3):
 - diffusers: `config.json` (`_class_name` WanTransformer3DModel / WanVACETransformer3DModel) and
   `diffusion_pytorch_model.safetensors`, or shards + `diffusion_pytorch_model.safetensors.index.json`;
-  a pipeline root with a `transformer/` folder works too;
+  a pipeline root (`model_index.json` beside a `transformer/` folder) works too;
 - original Wan2.1 / VACE: `config.json` (`_class_name` WanModel / VaceWanModel) and one or several
   safetensors files (with or without an index), or a single `.pth` state dict (Phantom-Wan-1.3B.pth),
   read with `torch.load(weights_only=True)`.
@@ -17,14 +17,24 @@ file names loads too. Tensors are read lazily, one at a time.
 The model is built on the meta device and each parameter is materialised once, straight in the
 target dtype and device. Missing, unexpected or mis-shaped keys raise one `CheckpointError` that
 lists all of them.
+
+The file handling here serves every loader (this DiT, `WanVAE.from_pretrained`,
+`UMT5Encoder.from_pretrained`; docs/data-and-checkpoints.md): `locate` accepts a weights file, the
+model's own folder or a diffusers pipeline root; `WeightFiles` reads safetensors (sharded or not) and
+weights-only pickles lazily; `default_dtype` is the one rule for `dtype=None`; and every unreadable file
+(empty or truncated safetensors, invalid config.json or index, a pickle that is not plain tensors)
+raises `CheckpointError` naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn as nn
@@ -34,6 +44,7 @@ from idgrpo.models.wan_dit import WanConfig, WanDiT
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 DIFFUSERS_VERSION = "0.35.0"  # the version Identity-GRPO pins; written into saved configs
+T = TypeVar("T")
 
 
 class CheckpointError(ValueError):
@@ -171,116 +182,143 @@ def original_config(config: WanConfig) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------- reading
+# ----------------------------------------------------------------------------- files (every loader)
+
+PIPELINE_INDEX = "model_index.json"
+_STANDARD_STEMS = ("diffusion_pytorch_model", "model")  # diffusers', transformers' weight file names
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+_DEFAULT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class Checkpoint(Mapping):
-    """Lazy read-only mapping diffusers key -> tensor over a Wan DiT checkpoint; a tensor is read from
-    disk when indexed (so `fsdp.load_full_state_dict(Checkpoint(path))` streams), `.shape(key)` reads
-    none.
-
-    `path`: a directory (diffusers or original layout, or a pipeline root with `transformer/`), or a
-    single `.safetensors` / `.pth` / `.pt` / `.bin` file. `.config` is the parsed `config.json`
-    (None when there is none); `.key_format` is "diffusers" or "original".
-    """
-
-    def __init__(self, path: str | Path):
-        path = Path(path)
-        if path.is_dir() and not _weight_files(path) and (path / "transformer").is_dir():
-            path = path / "transformer"
-        if not path.exists():
-            raise CheckpointError(f"{path}: no such file or directory")
-        self.path = path
-        files = _weight_files(path) if path.is_dir() else [path]
-        if not files:
-            raise CheckpointError(f"{path}: no weights found (expected {WEIGHTS_NAME}, an index "
-                                  f"{INDEX_NAME}, *.safetensors shards or a .pth state dict)")
-        config_file = (path if path.is_dir() else path.parent) / "config.json"
-        self.config = json.loads(config_file.read_text()) if config_file.is_file() else None
-        self._where: dict[str, tuple[Path, str]] = {}  # diffusers key -> (file, key in the file)
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._pth: dict[Path, dict] = {}
-        raw_keys: list[tuple[Path, str, tuple[int, ...]]] = []
-        for file in files:
-            raw_keys += [(file, k, s) for k, s in _list_tensors(file, self._pth)]
-        self.key_format = detect_key_format(k for _, k, _ in raw_keys)
-        rename = original_to_diffusers_key if self.key_format == "original" else (lambda k: k)
-        for file, key, shape in raw_keys:
-            name = rename(key)
-            if name in self._where:
-                raise CheckpointError(f"{path}: key {name!r} appears twice ({self._where[name][0].name}, {file.name})")
-            self._where[name] = (file, key)
-            self._shapes[name] = shape
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self.get(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-    def __contains__(self, key) -> bool:
-        return key in self._where
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key]
-
-    def get(self, key: str, default=None) -> torch.Tensor:
-        if key not in self._where:
-            return default
-        file, raw = self._where[key]
-        if file in self._pth:
-            return self._pth[file][raw]
-        from safetensors import safe_open
-
-        with safe_open(str(file), framework="pt") as f:
-            return f.get_tensor(raw)
-
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(diffusers key, tensor) one at a time, each file opened once."""
-        from safetensors import safe_open
-
-        by_file: dict[Path, list[str]] = {}
-        for name, (file, _) in self._where.items():
-            by_file.setdefault(file, []).append(name)
-        for file, names in by_file.items():
-            if file in self._pth:
-                for name in names:
-                    yield name, self._pth[file][self._where[name][1]]
-                continue
-            with safe_open(str(file), framework="pt") as f:
-                for name in names:
-                    yield name, f.get_tensor(self._where[name][1])
-
-    def wan_config(self) -> WanConfig:
-        if self.config is None:
-            raise CheckpointError(f"{self.path}: no config.json beside the weights; pass config= (a WanConfig or a "
-                                  f"preset name such as 'phantom-1.3b')")
-        return config_from_dict(self.config)
+def read_config(file: Path) -> dict:
+    """A `config.json` (or index) as a dict; CheckpointError naming the file when it is not a JSON object."""
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
-def _weight_files(directory: Path) -> list[Path]:
+def weight_files(directory: Path) -> list[Path]:
+    """The weight files of a model folder: the diffusers or transformers file (or its shards, via the index)
+    first, then any one index, any *.safetensors, or a single .pth / .pt / .bin; [] when there is none."""
+    for stem in _STANDARD_STEMS:
+        if (directory / f"{stem}.safetensors.index.json").is_file():
+            return _indexed_files(directory / f"{stem}.safetensors.index.json")
+        if (directory / f"{stem}.safetensors").is_file():
+            return [directory / f"{stem}.safetensors"]
     index = sorted(directory.glob("*.safetensors.index.json"))
     if index:
-        weight_map = json.loads(index[0].read_text())["weight_map"]
-        return [directory / name for name in sorted(set(weight_map.values()))]
-    if (directory / WEIGHTS_NAME).is_file():
-        return [directory / WEIGHTS_NAME]
+        return _indexed_files(index[0])
     shards = sorted(directory.glob("*.safetensors"))
     if shards:
         return shards
-    pth = sorted([*directory.glob("*.pth"), *directory.glob("*.pt")])
-    return pth[:1] if len(pth) == 1 else []
+    pickles = sorted([*directory.glob("*.pth"), *directory.glob("*.pt"), *directory.glob("*.bin")])
+    return pickles[:1] if len(pickles) == 1 else []
 
 
-def _list_tensors(file: Path, pth_cache: dict) -> list[tuple[str, tuple[int, ...]]]:
-    if file.suffix == ".safetensors":
-        from safetensors import safe_open
+def _indexed_files(index: Path) -> list[Path]:
+    weight_map = read_config(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: no 'weight_map' (tensor name -> shard file) in this index")
+    files = [index.parent / name for name in sorted(set(weight_map.values()))]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: {len(missing)} shard(s) it lists are not in {index.parent}: {missing[:5]}")
+    return files
 
+
+@dataclass
+class WeightSource:
+    """Where one model's weights are: `path` (the folder or file used), its weight `files`, and `config`, the
+    parsed `config.json` (None when there is none, or when a single file's neighbour belongs to another model)."""
+
+    path: Path
+    files: list[Path]
+    config: dict | None
+    config_file: Path
+
+    def parse_config(self, parse: Callable[[dict], T]) -> T:
+        """`parse(self.config)`, with any error in it reported against the config file."""
+        try:
+            return parse(self.config)
+        except KeyError as e:
+            raise CheckpointError(f"{self.config_file}: missing field {e}") from e
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.config_file}: {e}") from e
+
+
+def locate(path: str | Path, subfolder: str, *, what: str, is_config: Callable[[dict], bool],
+           own_file: str | None = None) -> WeightSource:
+    """Resolve a loader's `path`: a weights file, the model's own folder, a diffusers pipeline root (a
+    `model_index.json`, or no weights of its own beside a `subfolder`/ folder), which means its `subfolder`, or
+    an original Wan2.1 folder, which means the one file matching the glob `own_file` (`Wan2.1_VAE.pth` beside
+    the DiT). `is_config` tells this model's config.json from another model's."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: {what} weights not found")
+    pipeline_root = path.is_dir() and (
+        (path / PIPELINE_INDEX).is_file() or (not weight_files(path) and (path / subfolder).is_dir()))
+    if pipeline_root:
+        if not (path / subfolder).is_dir():
+            raise CheckpointError(f"{path}: a diffusers pipeline root ({PIPELINE_INDEX}) without a {subfolder}/ folder")
+        path = path / subfolder
+    config_file = (path if path.is_dir() else path.parent) / "config.json"
+    config = read_config(config_file) if config_file.is_file() else None
+    foreign = config is not None and not is_config(config)
+    if path.is_dir() and (config is None or foreign) and own_file:
+        own = sorted(path.glob(own_file))
+        if len(own) == 1:
+            path = own[0]
+    if foreign:
+        if path.is_dir():
+            kind = config.get("_class_name") or config.get("model_type") or sorted(config)[:6]
+            raise CheckpointError(f"{config_file}: not a {what} config ({kind}); pass the {what} weights file or "
+                                  f"its own folder")
+        config = None
+    files = weight_files(path) if path.is_dir() else [path]
+    if not files:
+        raise CheckpointError(f"{path}: no {what} weights found (expected {{diffusion_pytorch_model,model}}"
+                              ".safetensors, shards with a *.safetensors.index.json, or one .pth)")
+    return WeightSource(path, files, config, config_file)
+
+
+def default_dtype(dtypes) -> torch.dtype:
+    """The dtype a loader uses when none is asked for: the checkpoint's own floating dtype when all its floating
+    tensors share one of float32 / bfloat16 / float16, otherwise float32 (docs/data-and-checkpoints.md)."""
+    floats = {d for d in dtypes if d.is_floating_point}
+    return floats.pop() if len(floats) == 1 and next(iter(floats)) in _DEFAULT_DTYPES else torch.float32
+
+
+@contextlib.contextmanager
+def _open_safetensors(file: Path):
+    from safetensors import SafetensorError, safe_open
+
+    try:
         with safe_open(str(file), framework="pt") as f:
-            return [(k, tuple(f.get_slice(k).get_shape())) for k in f.keys()]
+            yield f
+    except SafetensorError as e:  # empty, truncated or corrupt: safetensors' message names no file
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); the file is damaged or incomplete, "
+                              "download or save it again") from e
+
+
+def _list_tensors(file: Path, pth_cache: dict) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    if file.suffix == ".safetensors":
+        with _open_safetensors(file) as f:
+            out = []
+            for key in f.keys():
+                info = f.get_slice(key)
+                if info.get_dtype() not in _SAFETENSORS_DTYPES:
+                    raise CheckpointError(f"{file}: tensor {key!r} has dtype {info.get_dtype()}, which idgrpo does "
+                                          "not load")
+                out.append((key, tuple(info.get_shape()), _SAFETENSORS_DTYPES[info.get_dtype()]))
+            return out
     if file.suffix in (".pth", ".pt", ".bin"):
         # Pickles are never executed: tensors and containers only. mmap needs the zip format (torch >= 1.6).
         try:
@@ -298,8 +336,116 @@ def _list_tensors(file: Path, pth_cache: dict) -> list[tuple[str, tuple[int, ...
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{file}: expected a flat state dict of tensors")
         pth_cache[file] = state
-        return [(k, tuple(v.shape)) for k, v in state.items()]
+        return [(k, tuple(v.shape), v.dtype) for k, v in state.items()]
     raise CheckpointError(f"{file}: unknown weight file type {file.suffix!r} (use .safetensors or .pth)")
+
+
+class WeightFiles(Mapping):
+    """Lazy read-only mapping name -> tensor over the weight files of one model: a tensor is read from disk
+    when indexed (so `fsdp.load_full_state_dict(...)` streams), `.shape(key)` and `.dtype(key)` read none.
+    `rename(fn)` exposes the tensors under other names (a key format's renames)."""
+
+    def __init__(self, files: list[Path]):
+        self._where: dict[str, tuple[Path, str]] = {}  # name -> (file, key in the file)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self._pth: dict[Path, dict] = {}
+        for file in files:
+            for key, shape, dtype in _list_tensors(file, self._pth):
+                self._add(key, (file, key), shape, dtype)
+
+    def _add(self, name, where, shape, dtype):
+        if name in self._where:
+            raise CheckpointError(f"tensor {name!r} appears twice ({self._where[name][0]}, {where[0]})")
+        self._where[name], self._shapes[name], self._dtypes[name] = where, shape, dtype
+
+    def rename(self, fn: Callable[[str], str]) -> None:
+        old = [(fn(name), self._where[name], self._shapes[name], self._dtypes[name]) for name in self._where]
+        self._where, self._shapes, self._dtypes = {}, {}, {}
+        for entry in old:
+            self._add(*entry)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._where:
+            raise KeyError(key)
+        return self.get(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, key) -> bool:
+        return key in self._where
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._dtypes[key]
+
+    def default_dtype(self) -> torch.dtype:
+        return default_dtype(self._dtypes.values())
+
+    def get(self, key: str, default=None) -> torch.Tensor:
+        if key not in self._where:
+            return default
+        file, raw = self._where[key]
+        if file in self._pth:
+            return self._pth[file][raw]
+        with _open_safetensors(file) as f:
+            return f.get_tensor(raw)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) one at a time, each file opened once."""
+        by_file: dict[Path, list[str]] = {}
+        for name, (file, _) in self._where.items():
+            by_file.setdefault(file, []).append(name)
+        for file, names in by_file.items():
+            if file in self._pth:
+                for name in names:
+                    yield name, self._pth[file][self._where[name][1]]
+                continue
+            with _open_safetensors(file) as f:
+                for name in names:
+                    yield name, f.get_tensor(self._where[name][1])
+
+
+# ----------------------------------------------------------------------------- the DiT checkpoint
+
+_DIT_CLASSES = ("WanTransformer3DModel", "WanVACETransformer3DModel", "WanModel", "VaceWanModel")
+
+
+def is_dit_config(raw: dict) -> bool:
+    name = raw.get("_class_name")
+    return name in _DIT_CLASSES if name else "num_attention_heads" in raw or "dim" in raw
+
+
+class Checkpoint(WeightFiles):
+    """Lazy read-only mapping diffusers key -> tensor over a Wan DiT checkpoint (`WeightFiles`).
+
+    `path`: a directory (diffusers or original layout, or a pipeline root with `transformer/`), or a
+    single `.safetensors` / `.pth` / `.pt` / `.bin` file. `.config` is the parsed `config.json`
+    (None when there is none); `.key_format` is "diffusers" or "original".
+    """
+
+    def __init__(self, path: str | Path):
+        self.source = locate(path, "transformer", what="Wan DiT", is_config=is_dit_config)
+        self.path, self.config = self.source.path, self.source.config
+        super().__init__(self.source.files)
+        try:
+            self.key_format = detect_key_format(self)
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.path}: {e}") from e
+        if self.key_format == "original":
+            self.rename(original_to_diffusers_key)
+
+    def wan_config(self) -> WanConfig:
+        if self.config is None:
+            raise CheckpointError(f"{self.path}: no config.json beside the weights; pass config= (a WanConfig or a "
+                                  f"preset name such as 'phantom-1.3b')")
+        return self.source.parse_config(config_from_dict)
 
 
 # ----------------------------------------------------------------------------- checking and loading
@@ -396,13 +542,15 @@ def materialize_(model: nn.Module, tensors, *, dtype: torch.dtype | None, device
     return model
 
 
-def load_wan_dit(path: str | Path, config: WanConfig | str | None = None, *, dtype: torch.dtype = torch.bfloat16,
+def load_wan_dit(path: str | Path, config: WanConfig | str | None = None, *, dtype: torch.dtype | None = None,
                  device: torch.device | str = "cpu", ignore_unexpected: bool = False) -> WanDiT:
     """Build a WanDiT on the meta device and fill it from a checkpoint, each tensor materialised once in
-    `dtype` on `device`. `config`: a WanConfig, a preset name, or None to read `config.json`.
-    `ignore_unexpected`: skip checkpoint tensors the model does not have (the reference Phantom loader
-    uses strict=False); missing or mis-shaped tensors are always an error."""
+    `dtype` (None: the checkpoint's own, see `default_dtype`) on `device`. `config`: a WanConfig, a preset
+    name, or None to read `config.json`. `ignore_unexpected`: skip checkpoint tensors the model does not have
+    (the reference Phantom loader uses strict=False); missing or mis-shaped tensors are always an error."""
     checkpoint = Checkpoint(path)
+    if dtype is None:
+        dtype = checkpoint.default_dtype()
     if config is None:
         config = checkpoint.wan_config()
     elif isinstance(config, str):
@@ -489,8 +637,9 @@ def to_diffusers_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "base_state_dict", "check_keys", "config_from_dict", "detect_key_format",
-    "diffusers_config", "diffusers_to_original_key", "expected_shapes", "load_state_dict_into", "load_wan_dit",
-    "materialize_", "original_config", "original_to_diffusers_key", "save_diffusers", "to_diffusers_state_dict",
-    "to_original_state_dict",
+    "Checkpoint", "CheckpointError", "WeightFiles", "WeightSource", "base_state_dict", "check_keys",
+    "config_from_dict", "default_dtype", "detect_key_format", "diffusers_config", "diffusers_to_original_key",
+    "expected_shapes", "is_dit_config", "load_state_dict_into", "load_wan_dit", "locate", "materialize_",
+    "original_config", "original_to_diffusers_key", "read_config", "save_diffusers", "to_diffusers_state_dict",
+    "to_original_state_dict", "weight_files",
 ]
