@@ -14,8 +14,12 @@ Each function's signature (usually one config dataclass) is turned into flags by
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import sys
+
+from idgrpo.errors import UsageError
 
 # name -> (target "module:function", one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -23,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("idgrpo.env:env", "Versions, devices, optional accelerators and the kernel backend per op."),
     "encode-prompts": ("idgrpo.models.prompt_cache:encode_prompts", "Cache umT5 prompt embeddings."),
     "train-grpo": ("idgrpo.rl.recipe:train_grpo", "Identity-GRPO training (presets tiny, vace-1.3b, phantom-1.3b)."),
+    "export-lora": ("idgrpo.rl.trainer:export_run_lora",
+                    "Write a GRPO run's LoRA adapters in PEFT's or diffusers' format (docs/lora.md)."),
     "synth-pairs": ("idgrpo.reward.distortions:synth_pairs", "Make labelled identity preference pairs by distortions."),
     "train-reward": ("idgrpo.reward.train:train_reward", "Train the compact identity reward model (BT/BTT)."),
     "score": ("idgrpo.reward.train:score", "Score videos with a trained reward model into a CSV."),
@@ -56,9 +62,50 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     module, function = COMMANDS[name][0].split(":")
     fn = getattr(importlib.import_module(module), function)
-    result = tyro.cli(fn, args=rest, prog=f"idgrpo {name}", description=COMMANDS[name][1])
+    prog = f"idgrpo {name}"
+    # Note: a usage error (a bad flag value, a bad row of a data file) and a missing file are the user's to fix: one
+    # line and exit status 2, as argparse does for bad flags; anything else is ours and keeps its traceback
+    # (docs/reliability.md). The commands open no file of their own making that could be missing, so a
+    # FileNotFoundError always names a path the user gave.
+    try:
+        with _nested_config_errors():
+            result = tyro.cli(fn, args=rest, prog=prog, description=COMMANDS[name][1])
+    except (UsageError, FileNotFoundError) as e:
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"{_rank_prefix()}{prog}: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     if isinstance(result, int) and result != 0:
         raise SystemExit(result)
+
+
+@contextlib.contextmanager
+def _nested_config_errors():
+    """tyro prints a ValueError raised while it builds a nested config (`train-reward --model.*`) in a box of its own
+    and exits; its parse-error hook (private in tyro 1.x: `tyro._errors`) hands it to `main` as a UsageError
+    instead, so that every rejected flag reads the same. Where the hook is missing, tyro's box (exit status 2)
+    remains."""
+    try:
+        from tyro._errors import InstantiationFailure, on_parse_error
+    except ImportError:
+        yield
+        return
+
+    def reject(event) -> None:
+        if isinstance(event, InstantiationFailure) and event.argument is None:
+            raise UsageError(event.message)
+
+    with on_parse_error(reject):
+        yield
+
+
+def _rank_prefix() -> str:
+    """`[rank<N>]: ` when this is one of several processes (each prints its own error), else nothing."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        rank, size = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return f"[rank{rank}]: " if size > 1 else ""
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ import torch
 import torch.nn.functional as F
 import tyro
 
+from idgrpo.errors import UsageError, above, at_least, one_of, within
+
 GUIDES = ("composite", "blank")
 """The guide video of the VACE context (see `vace_context_of`)."""
 
@@ -91,13 +93,17 @@ class DemoConfig:
     """Output folder: summary.json, reward_curve.png, before_after.png, before/after GIFs, reward model, GRPO
     run (grpo/)."""
     quick: bool = False
-    """Tiny sizes for a smoke run (CI): every stage and output, no meaningful learning."""
+    """Tiny sizes for a smoke run (CI): every stage and output, no meaningful learning. The sizes of `QUICK` replace
+    only those left at their default: a size flag given with --quick wins."""
     seed: int = 0
     """Seed of the world, of every initialisation, shuffle and sampling noise."""
     threads: int = 0
     """torch CPU threads per process (0: the machine's cores divided by the number of processes). Floats, and so the
     results, depend on it (the order of CPU reductions): N processes give the result of one process with the same
     threads per process."""
+    collective_timeout: float | None = None
+    """Seconds a collective may wait for a stopped or slow peer before the run fails (None:
+    $IDGRPO_COLLECTIVE_TIMEOUT, else 3600; docs/reliability.md)."""
 
     # --- the world -------------------------------------------------------------------------------------------------
     frame_size: int = 32
@@ -209,41 +215,51 @@ class DemoConfig:
     def __post_init__(self):
         self.run_dir = Path(self.run_dir)
         if self.quick:
+            # Only the sizes left at their full-demo default shrink: a flag the user gave wins (one given with
+            # exactly the full default's value cannot be told apart from none, and shrinks too).
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
             for name, value in QUICK.items():
-                setattr(self, name, value)
+                if getattr(self, name) == defaults[name]:
+                    setattr(self, name, value)
+        one_of(self, "guide", GUIDES)
+        one_of(self, "num_people", (2, 3))
+        within(self, "seed", 0, 2**32 - 1)
+        at_least(self, 0, "threads", "gif_videos", "annotation_tie", "kl_beta")
+        at_least(self, 1, "pixel_stride", "reward_patch", "policy_patch", "reward_frames", "reward_depth",
+                 "reward_epochs", "reward_batch", "pretrain_steps", "pretrain_batch", "grpo_epochs",
+                 "prompts_per_epoch", "num_steps", "eval_prompts", "policy_videos", "grpo_prompts", "pairs_per_video",
+                 "lora_rank", "updates_per_epoch")
+        at_least(self, 2, "group_size", "policy_layers")  # a group's advantages are relative; VACE blocks at 0, 1, L-1
+        at_least(self, self.num_people, "population")
+        at_least(self, 8, "reward_videos")  # 15% of them are held out
+        above(self, 0.0, "reward_lr", "pretrain_lr", "grpo_lr", "shift", "clip_range")
+        above(self, 1.0, "ties_k")
+        within(self, "imperfect_fraction", 0.0, 1.0, open_high=True)
+        within(self, "recolour_probability", 0.0, 1.0)
+        within(self, "recolour_min", 0.0, 1.0)
+        within(self, "sde_window_size", 1, self.num_steps)
+        if self.collective_timeout is not None:
+            above(self, 0.0, "collective_timeout")
         if self.frame_size % 16 or self.frame_size % (2 * self.pixel_stride) or self.frame_size < 32:
-            raise ValueError(f"frame_size {self.frame_size} must be >= 32 and a multiple of 16 and of 2*pixel_stride")
-        if (self.num_frames - 1) % 4 or self.num_frames < 5:
-            raise ValueError(f"num_frames must be 4k + 1 (>= 5), got {self.num_frames}")
-        if self.num_people not in (2, 3):
-            raise ValueError(f"num_people must be 2 or 3, got {self.num_people}")
-        if self.reward_videos < 8:
-            raise ValueError("reward_videos must be >= 8 (15% are held out)")
-        if not 0.0 <= self.imperfect_fraction < 1.0:
-            raise ValueError("imperfect_fraction must be in [0, 1)")
-        if not 0.0 <= self.recolour_probability <= 1.0 or not 0.0 <= self.recolour_min <= 1.0:
-            raise ValueError("recolour_probability and recolour_min must be in [0, 1]")
-        if not 0 < self.sde_window_size <= self.num_steps:
-            raise ValueError("sde_window_size must be in [1, num_steps]")
+            raise UsageError(f"--frame-size {self.frame_size} must be >= 32 and a multiple of 16 and of 2 * "
+                             f"--pixel-stride ({2 * self.pixel_stride})")
+        if self.pixel_stride > self.frame_size // 4:
+            raise UsageError(f"--pixel-stride {self.pixel_stride} must be at most --frame-size / 4 "
+                             f"({self.frame_size // 4})")
+        if (self.num_frames - 1) % 4 or not 5 <= self.num_frames <= 61:
+            raise UsageError(f"--num-frames must be 4k + 1 in [5, 61], got {self.num_frames}")
         if self.policy_dim % 2 or self.policy_dim // 2 < 6:
-            raise ValueError("policy_dim must be even and >= 12 (2 heads of head_dim >= 6)")
+            raise UsageError(f"--policy-dim must be even and >= 12 (2 heads of head_dim >= 6), got {self.policy_dim}")
         if self.policy_dim < 3 * (self.pixel_stride * self.policy_patch) ** 2:
-            raise ValueError(f"policy_dim {self.policy_dim} < the latent values per token "
-                             f"{3 * (self.pixel_stride * self.policy_patch) ** 2} (see policy_patch)")
-        if self.reward_dim % 4 or self.frame_size % self.reward_patch:
-            raise ValueError("reward_dim must be a multiple of 4 and frame_size a multiple of reward_patch")
+            raise UsageError(f"--policy-dim {self.policy_dim} < the latent values per token "
+                             f"{3 * (self.pixel_stride * self.policy_patch) ** 2} (see --policy-patch)")
+        if self.reward_dim % 4 or self.reward_dim < 4:
+            raise UsageError(f"--reward-dim must be a positive multiple of 4 (4 heads), got {self.reward_dim}")
+        if self.frame_size % self.reward_patch:
+            raise UsageError(f"--frame-size {self.frame_size} must be a multiple of --reward-patch {self.reward_patch}")
         if self.annotated_seeds == 1 or self.annotated_seeds < 0:
-            raise ValueError(f"annotated_seeds must be 0 or >= 2 (pairs of one scene's videos), "
+            raise UsageError(f"--annotated-seeds must be 0 or >= 2 (pairs of one scene's videos), "
                              f"got {self.annotated_seeds}")
-        if self.annotation_tie < 0:
-            raise ValueError(f"annotation_tie must be >= 0, got {self.annotation_tie}")
-        for name in ("reward_epochs", "reward_batch", "pretrain_steps", "pretrain_batch", "grpo_epochs",
-                     "prompts_per_epoch", "group_size", "num_steps", "eval_prompts", "policy_videos",
-                     "grpo_prompts", "pairs_per_video", "lora_rank", "updates_per_epoch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.group_size < 2:
-            raise ValueError("group_size must be >= 2 (advantages are relative within a group)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -478,8 +494,8 @@ def train_reward_model(cfg: DemoConfig, train, held_out, bar):
             optimizer.step()
             step += 1
             bar.update(1)
-    metrics = evaluate(model, held_out, TrainRewardConfig(ties_k=cfg.ties_k, num_frames=cfg.reward_frames),
-                       torch.device("cpu"))
+    settings = TrainRewardConfig(ties_k=cfg.ties_k, num_frames=cfg.reward_frames, model=model_cfg)
+    metrics = evaluate(model, held_out, settings, torch.device("cpu"))
     return model.eval().requires_grad_(False), metrics
 
 
@@ -655,15 +671,18 @@ def contact_sheet(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], s
 def demo(config: Annotated[DemoConfig, tyro.conf.arg(name="")]) -> int:
     """The whole Identity-GRPO pipeline on a tiny synthetic world (see `idgrpo.demo`)."""
     from idgrpo.engine import init_distributed
-    from idgrpo.engine.metrics import progress
+    from idgrpo.engine.metrics import progress, strict_json
     from idgrpo.models.lora import apply_lora, mark_only_lora_trainable
     from idgrpo.reward.distortions import SourceVideo, make_pairs
+    from idgrpo.reward.train import format_metric
     from idgrpo.rl.trainer import GRPOTrainer, write_curve_png
     from idgrpo.synth import World, WorldConfig
 
     cfg = config
     started = time.monotonic()
-    info = init_distributed(timeout_s=3600.0)
+    # Stages 1-3 are minutes of replicated work without a collective: on a shared machine one rank may reach GRPO's
+    # first collective long before another, hence a longer default than the engine's.
+    info = init_distributed(cfg.collective_timeout, default_timeout_s=3600.0)
     rank, world_size, device = info.rank, info.world_size, info.device
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // world_size)
     torch.set_num_threads(threads)
@@ -743,7 +762,8 @@ def demo(config: Annotated[DemoConfig, tyro.conf.arg(name="")]) -> int:
         from idgrpo.reward.train import TrainRewardConfig, evaluate
 
         held = evaluate(reward_model, annotated_held,
-                        TrainRewardConfig(ties_k=cfg.ties_k, num_frames=cfg.reward_frames), torch.device("cpu"))
+                        TrainRewardConfig(ties_k=cfg.ties_k, num_frames=cfg.reward_frames, model=reward_model.config),
+                        torch.device("cpu"))
         reward_model.eval().requires_grad_(False)  # `evaluate` hands the model back in train mode
         reward_metrics["annotated"] = {"train_pairs": len(annotated_train), "val_pairs": len(annotated_held),
                                        "val_non_tie_pairs": held["val_non_tie_pairs"],
@@ -751,10 +771,10 @@ def demo(config: Annotated[DemoConfig, tyro.conf.arg(name="")]) -> int:
     if rank == 0:
         reward_model.save(run_dir / "reward_model")
     timings["reward_s"] = time.monotonic() - t0
-    log(f"demo: reward model held-out accuracy {reward_metrics['val_acc_non_tie']:.3f} on "
+    log(f"demo: reward model held-out accuracy {format_metric(reward_metrics['val_acc_non_tie'])} on "
         f"{reward_metrics['val_non_tie_pairs']} non-tie distortion pairs "
-        f"(3-way with ties {reward_metrics['val_acc_with_ties']:.3f})"
-        + (f", {reward_metrics['annotated']['val_acc_non_tie']:.3f} on "
+        f"(3-way with ties {format_metric(reward_metrics['val_acc_with_ties'])})"
+        + (f", {format_metric(reward_metrics['annotated']['val_acc_non_tie'])} on "
            f"{reward_metrics['annotated']['val_non_tie_pairs']} non-tie annotated pairs"
            if "annotated" in reward_metrics else ""))
 
@@ -817,7 +837,7 @@ def demo(config: Annotated[DemoConfig, tyro.conf.arg(name="")]) -> int:
     if rank == 0:
         from idgrpo.media import write_image, write_video
 
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        (run_dir / "summary.json").write_text(strict_json(summary, indent=1))
         curve = [{"epoch": h["epoch"], "reward_mean": h["reward_mean"]} for h in history]
         write_curve_png(run_dir / "reward_curve.png", curve)
         shown = range(min(cfg.gif_videos, len(eval_rows)))
@@ -835,14 +855,16 @@ def demo(config: Annotated[DemoConfig, tyro.conf.arg(name="")]) -> int:
 
 def table(summary: dict) -> str:
     """The printed result table."""
+    from idgrpo.reward.train import format_metric
+
     rm = summary["reward_model"]
     b, a = summary["before"], summary["after"]
     lines = [
         f"idgrpo demo ({'quick' if summary['quick'] else 'full'}, {summary['world_size']} process(es), "
         f"{summary['timings_s']['total_s'] / 60:.1f} min)",
-        f"reward model held-out accuracy on non-tie pairs: distortions {rm['val_acc_non_tie']:.3f} "
+        f"reward model held-out accuracy on non-tie pairs: distortions {format_metric(rm['val_acc_non_tie'])} "
         f"({rm['val_non_tie_pairs']} pairs)"
-        + (f", policy samples {rm['annotated']['val_acc_non_tie']:.3f} "
+        + (f", policy samples {format_metric(rm['annotated']['val_acc_non_tie'])} "
            f"({rm['annotated']['val_non_tie_pairs']} pairs)" if "annotated" in rm else ""),
         "",
         f"{'held-out scenes (' + str(len(b['reward'])) + ')':<34}{'before':>10}{'after':>10}{'change':>10}",

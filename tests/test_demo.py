@@ -92,7 +92,7 @@ def test_annotated_pairs_are_labelled_by_the_oracle_of_the_policy_samples():
     assert (tied.labels == LABELS["same"]).sum() == 4
     both = concat_pairs(pairs, tied)
     assert len(both) == 18 and both.kinds == pairs.kinds * 2 and torch.equal(both.labels[9:], tied.labels)
-    with pytest.raises(ValueError, match="annotated_seeds"):
+    with pytest.raises(ValueError, match="--annotated-seeds"):
         DemoConfig(annotated_seeds=1)
 
 

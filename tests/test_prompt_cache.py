@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from idgrpo.models import prompt_cache as pc
-from idgrpo.models.prompt_cache import EncodePromptsConfig, PromptCache, encode_prompts, read_prompts
+from idgrpo.models.prompt_cache import EncodePromptsConfig, PromptCache, encode_prompts
 
 PROMPTS = ["a man and a woman talk in the park", "two people walk, smiling", "a dog", "a cat on a red chair"]
 
@@ -28,32 +28,21 @@ def _txt(tmp_path, prompts=PROMPTS):
     return path
 
 
-def test_read_prompts_formats_and_errors(tmp_path):
+def test_csv_input_and_its_references(tmp_path, capsys):
+    """encode-prompts reads the reference CSV with the shared reader (tests/test_prompts.py); a missing reference
+    image stops it before anything is written, unless --check-references is off."""
     (tmp_path / "refs").mkdir()
-    for name in ("a.png", "b.png"):
-        (tmp_path / "refs" / name).write_bytes(b"x")
+    (tmp_path / "refs" / "a.png").write_bytes(b"x")
     csv_path = tmp_path / "data.csv"
-    csv_path.write_text('ref_paths,prompt\nrefs/a.png;refs/b.png,"two people, talking"\nrefs/a.png,one person\n')
-    rows = read_prompts(csv_path, check_references=True)
-    assert [r.prompt for r in rows] == ["two people, talking", "one person"]
-    assert rows[0].ref_paths == [tmp_path / "refs" / "a.png", tmp_path / "refs" / "b.png"]
-    assert rows[1].where.endswith("data.csv line 3")
-    assert [r.prompt for r in read_prompts(_txt(tmp_path))] == PROMPTS  # blank lines skipped
-
-    no_col = tmp_path / "bad.csv"
-    no_col.write_text("ref_paths,caption\na.png,hello\n")
-    with pytest.raises(ValueError, match=r"bad.csv: CSV has no 'prompt' column.*caption"):
-        read_prompts(no_col)
-    empty = tmp_path / "empty_prompt.csv"
-    empty.write_text("prompt\nhello\n\"\"\n")
-    with pytest.raises(ValueError, match="empty_prompt.csv line 3: empty prompt"):
-        read_prompts(empty)
-    missing = tmp_path / "missing_ref.csv"
-    missing.write_text("ref_paths,prompt\nrefs/a.png;refs/nope.png,hi\n")
-    with pytest.raises(FileNotFoundError, match="missing_ref.csv line 2: reference image .*nope.png"):
-        read_prompts(missing, check_references=True)
-    with pytest.raises(FileNotFoundError):
-        read_prompts(tmp_path / "absent.txt")
+    csv_path.write_bytes('\ufeffref_paths, prompt\r\nrefs/a.png,"two people, talking"\r\nrefs/nope.png,a dog\r\n'
+                         .encode())
+    cfg = _cfg(tmp_path, csv_path)
+    with pytest.raises(FileNotFoundError, match="data.csv line 3: reference image .*nope.png"):
+        encode_prompts(cfg)
+    assert not cfg.output.parent.exists()
+    encode_prompts(_cfg(tmp_path, csv_path, check_references=False))
+    assert PromptCache(cfg.output).prompts == ["two people, talking", "a dog"]
+    assert "2 prompts" in capsys.readouterr().out
 
 
 def test_cache_is_exact_and_zero_padded(tmp_path, capsys):

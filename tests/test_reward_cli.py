@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -71,19 +72,27 @@ def test_train_resume_and_score(pairs_dir, tmp_path, capsys):
     assert len(out) == 3 and all(float(r["reward"]) == float(r["reward"]) for r in out)
 
 
-def test_bad_inputs_fail_clearly(tmp_path):
+def _usage_error(argv: list[str], capsys) -> str:
+    """`idgrpo <argv>` must refuse with exit status 2 and one line on stderr; returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"idgrpo {argv[0]}: error: ")
+    return lines[0]
+
+
+def test_bad_inputs_fail_clearly(tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("video_a,video_b,refs,prompt,label\nnope.mp4,nope2.mp4,r.png,p,A\n")
-    from idgrpo.reward.data import PairDataError
-
-    with pytest.raises(PairDataError, match=r"bad.csv:2: video_a .*nope.mp4 does not exist"):
-        main(["train-reward", "--data", str(bad), "--out", str(tmp_path / "r"), *TINY])
-    with pytest.raises(FileNotFoundError, match="not a reward model directory"):
-        main(["score", "--model", str(tmp_path), "--videos", str(bad), "--refs", str(bad),
-              "--out", str(tmp_path / "s.csv")])
+    line = _usage_error(["train-reward", "--data", str(bad), "--out", str(tmp_path / "r"), *TINY], capsys)
+    assert re.search(r"bad.csv:2: video_a .*nope.mp4 does not exist", line)
+    line = _usage_error(["score", "--model", str(tmp_path), "--videos", str(bad), "--refs", str(bad),
+                         "--out", str(tmp_path / "s.csv")], capsys)
+    assert "not a reward model directory" in line
 
 
-def test_synth_pairs_from_own_videos_with_and_without_boxes(tmp_path):
+def test_synth_pairs_from_own_videos_with_and_without_boxes(tmp_path, capsys):
     from idgrpo import media
     from idgrpo.synth import World, WorldConfig
 
@@ -116,10 +125,9 @@ def test_synth_pairs_from_own_videos_with_and_without_boxes(tmp_path):
     assert kinds_by_group["v3_v2"] <= {"shuffle", "flicker", "photometric"}
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"video": "v0.mp4", "refs": ["v0_r0.png"], "boxes": "v0_boxes.json"}) + "\n")
-    from idgrpo.reward.data import PairDataError
-
-    with pytest.raises(PairDataError, match=r"bad.jsonl:1: boxes must be \(people=1, frames=9, 4\)"):
-        main(["synth-pairs", "--source", str(bad), "--out", str(tmp_path / "x")])
+    capsys.readouterr()
+    line = _usage_error(["synth-pairs", "--source", str(bad), "--out", str(tmp_path / "x")], capsys)
+    assert "bad.jsonl:1: boxes must be (people=1, frames=9, 4)" in line
 
 
 def _train_on_two_ranks(rank, world_size, data, out):

@@ -75,5 +75,5 @@ def test_save_load_roundtrip_and_presets(tmp_path, scenes):
         assert RewardModelConfig.from_name(name).dim > 0
     with pytest.raises(ValueError, match="unknown reward model preset"):
         RewardModelConfig.from_name("huge")
-    with pytest.raises(ValueError, match="multiple of patch_size"):
+    with pytest.raises(ValueError, match="multiple of --model.patch-size"):
         RewardModelConfig(image_size=30, patch_size=4)

@@ -1,6 +1,6 @@
 """Distributed runtime: process group, FSDP, precision, optimizer, checkpoints, metrics.
 
-Knows nothing of video or RL; imports only `idgrpo.kernels`.
+Knows nothing of video or RL; imports only `idgrpo.kernels` (and the leaf module `idgrpo.errors`).
 """
 
 from idgrpo.engine.checkpoint import Checkpointer, CheckpointError, export_full_weights, export_lora

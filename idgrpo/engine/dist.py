@@ -12,12 +12,16 @@ or not".
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from idgrpo.errors import UsageError
 
 # torch >= 2.11 renamed the tensor-in/tensor-out collectives; keep working on older releases.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -46,18 +50,38 @@ def _device_for(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(timeout_s: float = 600.0) -> DistInfo:
+COLLECTIVE_TIMEOUT_ENV = "IDGRPO_COLLECTIVE_TIMEOUT"
+"""Environment variable: seconds a collective may wait (a command's --collective-timeout wins over it)."""
+
+
+def collective_timeout_s(timeout_s: float | None = None, default_timeout_s: float = 600.0) -> float:
+    """The bound on every collective: `timeout_s` when given (a command's --collective-timeout), else
+    $IDGRPO_COLLECTIVE_TIMEOUT, else `default_timeout_s`."""
+    where = "--collective-timeout"
+    if timeout_s is None:
+        text = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "").strip()
+        where = COLLECTIVE_TIMEOUT_ENV
+        try:
+            timeout_s = float(text) if text else default_timeout_s
+        except ValueError:
+            raise UsageError(f"{where} must be a number of seconds, got {text!r}") from None
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise UsageError(f"{where} must be a positive, finite number of seconds, got {timeout_s}")
+    return float(timeout_s)
+
+
+def init_distributed(timeout_s: float | None = None, *, default_timeout_s: float = 600.0) -> DistInfo:
     """Initialise (or reuse) the default process group and return who we are.
 
     - already initialised (e.g. by `idgrpo.testing.run_distributed`): reused as is;
     - torchrun environment (RANK / WORLD_SIZE / MASTER_ADDR): NCCL on CUDA, gloo on CPU;
     - neither: a one-rank group on an in-process store.
 
-    `timeout_s` bounds every collective, so a rank that dies or raises makes the others
-    fail with an error instead of hanging forever.
+    Every collective is bounded (`collective_timeout_s`: `timeout_s`, else $IDGRPO_COLLECTIVE_TIMEOUT, else
+    `default_timeout_s`), so a rank that dies or raises makes the others fail with an error instead of hanging
+    forever.
     """
-    if timeout_s <= 0:
-        raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+    timeout = timedelta(seconds=collective_timeout_s(timeout_s, default_timeout_s))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device_for(local_rank)
     if device.type == "cuda":
@@ -66,12 +90,16 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        timeout = timedelta(seconds=timeout_s)
+        # Note: init_process_group installs an excepthook that prefixes every traceback line with "[rank<N>]:".
+        # In a one-process world that prefix says nothing and hides the traceback's start, so it is undone there.
+        excepthook = sys.excepthook
         if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
             kwargs = {"device_id": device} if device.type == "cuda" else {}
             dist.init_process_group(backend, timeout=timeout, **kwargs)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        if dist.get_world_size() == 1:
+            sys.excepthook = excepthook
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
 
 

@@ -1,4 +1,4 @@
-"""Training metrics without host syncs in the step, and a rank-0 progress bar.
+"""Training metrics without host syncs in the step, strict JSON logs, and a rank-0 progress bar.
 
 Usage:
     metrics = Metrics("runs/exp1", rank=info.rank)
@@ -7,11 +7,18 @@ Usage:
         metrics.add("loss", loss)               # a device op, no sync
         if step % 10 == 0:
             logged = metrics.flush(step)        # the one host read per interval
+    path.write_text(strict_json(summary))       # any other JSON a user reads
+
+Note [strict JSON]: JSON (RFC 8259) has no NaN or Infinity; Python's `json.dumps` writes them as bare `NaN` /
+`Infinity`, which strict readers (JavaScript's `JSON.parse`, Go's `encoding/json`, Rust's `serde_json`) reject.
+Every log and summary is written by `strict_json`: a non-finite float becomes `null` and its key is listed under
+`"nonfinite"` in the record, so it is neither hidden nor a parse error (docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -77,7 +84,7 @@ class Metrics:
         if self.rank == 0:
             record = {"step": step, "time_s": round(time.perf_counter() - self._t0, 3), **out}
             if self._jsonl is not None:
-                self._jsonl.write(json.dumps(record) + "\n")
+                self._jsonl.write(strict_json(record) + "\n")
             if self._tb is not None:
                 for k, v in out.items():
                     self._tb.add_scalar(k, v, step)
@@ -96,6 +103,27 @@ class Metrics:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def strict_json(record: dict, **dumps_kwargs) -> str:
+    """`record` as strict JSON (Note [strict JSON]): each non-finite float, at any depth, becomes null and its path
+    (`loss`, `history[3].reward_mean`) is listed under the top-level key "nonfinite" (absent when there is none)."""
+    replaced: list[str] = []
+
+    def clean(value, path: str):
+        if isinstance(value, float) and not math.isfinite(value):
+            replaced.append(path)
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    cleaned = clean(record, "")
+    if replaced:
+        cleaned["nonfinite"] = replaced
+    return json.dumps(cleaned, allow_nan=False, **dumps_kwargs)
 
 
 def progress(iterable: Iterable | None = None, *, rank: int = 0, total: int | None = None, desc: str | None = None,

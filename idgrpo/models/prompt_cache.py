@@ -14,7 +14,8 @@ Usage:
 
 Inputs: a CSV with a `prompt` column (the reference data format is `ref_paths,prompt`, with `;`-separated
 reference image paths relative to the CSV), or a plain text file with one prompt per line (blank lines
-skipped).
+skipped); both read by `idgrpo.prompts.read_prompts`, the reader `train-grpo` uses too
+(docs/data-and-checkpoints.md).
 
 File layout (safetensors; rows are in input order, duplicates encoded once):
     embeddings (sum of lengths, dim)   the valid rows only, packed; padding is re-created as zeros on read
@@ -37,7 +38,6 @@ Bad input and recovery:
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -45,10 +45,13 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, NamedTuple
+from typing import Annotated
 
 import torch
 import tyro
+
+from idgrpo.errors import UsageError, at_least, device_name, one_of, within
+from idgrpo.prompts import PromptRow, read_prompts
 
 FORMAT = "idgrpo-prompt-cache/1"
 # Wan2.1's default negative prompt (`sample_neg_prompt` in its configs).
@@ -96,63 +99,19 @@ class EncodePromptsConfig:
         self.prompts, self.output = Path(self.prompts), Path(self.output)
         if self.tokenizer is not None:
             self.tokenizer = Path(self.tokenizer)
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}: expected one of {sorted(_DTYPES)}")
-        if self.text_len < 2 or self.batch_size < 1 or self.save_every < 1:
-            raise ValueError("text_len must be >= 2, batch_size and save_every >= 1")
+        one_of(self, "dtype", sorted(_DTYPES))
+        at_least(self, 2, "text_len")
+        at_least(self, 1, "batch_size", "save_every")
+        within(self, "seed", 0, 2**32 - 1)
+        device_name(self)
         if self.output.suffix != ".safetensors":
-            raise ValueError(f"output={self.output}: expected a .safetensors path")
+            raise UsageError(f"--output {self.output}: expected a .safetensors path")
         if not self.negative_prompt.strip():
-            raise ValueError("negative_prompt must not be empty")
-
-
-class PromptRow(NamedTuple):
-    prompt: str
-    ref_paths: list[Path]
-    where: str
-    """File and line, for error messages."""
+            raise UsageError("--negative-prompt must not be empty")
 
 
 def prompt_hash(prompt: str) -> bytes:
     return hashlib.sha256(prompt.encode("utf-8")).digest()
-
-
-def read_prompts(path: str | Path, *, check_references: bool = False) -> list[PromptRow]:
-    """Prompts of a CSV (`prompt` column; optional `ref_paths`, `;`-separated, relative to the CSV) or of a
-    text file (one per line). Errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: prompt file not found")
-    rows: list[PromptRow] = []
-    try:
-        if path.suffix.lower() == ".csv":
-            with path.open(newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                fields = [c.strip() for c in (reader.fieldnames or [])]
-                if "prompt" not in fields:
-                    raise ValueError(f"{path}: CSV has no 'prompt' column (columns: {fields}); expected a header "
-                                     "like 'ref_paths,prompt'")  # fmt: skip
-                reader.fieldnames = fields
-                for record in reader:
-                    where = f"{path} line {reader.line_num}"
-                    prompt = (record.get("prompt") or "").strip()
-                    if not prompt:
-                        raise ValueError(f"{where}: empty prompt")
-                    refs = [path.parent / p.strip() for p in (record.get("ref_paths") or "").split(";") if p.strip()]
-                    if check_references:
-                        for ref in refs:
-                            if not ref.is_file():
-                                raise FileNotFoundError(f"{where}: reference image {ref} not found")
-                    rows.append(PromptRow(prompt, refs, where))
-        else:
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                if line.strip():
-                    rows.append(PromptRow(line.strip(), [], f"{path} line {number}"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
-    if not rows:
-        raise ValueError(f"{path}: no prompts")
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +224,7 @@ def encode_prompts(cfg: Annotated[EncodePromptsConfig, tyro.conf.arg(name="")]) 
     """Encode a prompt list (and the negative prompt) with umT5 into a safetensors cache; resumable."""
     from tqdm import tqdm
 
-    rows = read_prompts(cfg.prompts, check_references=cfg.check_references)
+    rows = read_prompts(cfg.prompts, references="check" if cfg.check_references else "paths")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)  # fmt: skip
     encoder, tokenizer = build_text_encoder(cfg, device)
@@ -277,7 +236,7 @@ def encode_prompts(cfg: Annotated[EncodePromptsConfig, tyro.conf.arg(name="")]) 
     # The negative prompt goes first so that every partial save is a complete, readable cache.
     where: dict[bytes, str] = {}
     todo: list[str] = []
-    for r in [PromptRow(cfg.negative_prompt, [], "negative prompt"), *rows]:
+    for r in [PromptRow(cfg.negative_prompt, where="negative prompt"), *rows]:
         h = prompt_hash(r.prompt)
         if h not in done and h not in where:
             where[h] = r.where
@@ -292,7 +251,7 @@ def encode_prompts(cfg: Annotated[EncodePromptsConfig, tyro.conf.arg(name="")]) 
             done[prompt_hash(prompt)] = (emb[:n].clone(), cut)
         if number % cfg.save_every == 0 and number < len(batches):
             _atomic_save(*_pack(prompts, done, cfg.negative_prompt, settings), partial)
-    truncated_where = [r.where for r in [PromptRow(cfg.negative_prompt, [], "negative prompt"), *rows]
+    truncated_where = [r.where for r in [PromptRow(cfg.negative_prompt, where="negative prompt"), *rows]
                        if done[prompt_hash(r.prompt)][1]]  # fmt: skip
     if truncated_where:
         warnings.warn(f"{len(truncated_where)} prompt(s) longer than {cfg.text_len} tokens were truncated: "

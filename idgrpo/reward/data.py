@@ -36,14 +36,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from idgrpo.errors import UsageError
 from idgrpo.reward.losses import PREFER_A, PREFER_B, TIE
 
 LABELS = {"a": PREFER_A, "b": PREFER_B, "same": TIE}
 LABEL_NAMES = {PREFER_A: "A", PREFER_B: "B", TIE: "same"}
 
 
-class PairDataError(ValueError):
-    """A bad preference file or row; the message names the file and line."""
+class PairDataError(UsageError):
+    """A bad preference file or row; the message names the file and line (a usage error: `idgrpo` prints it on
+    one line and exits 2)."""
 
 
 @dataclass

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 import tyro
 
+from idgrpo.errors import UsageError, at_least, flag, one_of, within
+
 IDENTITY_BREAKING = ("swap", "drift", "blend", "clone", "remove")
 LABEL_PRESERVING = ("photometric", "reencode", "crop")
 BOX_FREE = ("mismatch", "shuffle", "flicker")
@@ -505,13 +507,24 @@ class SynthPairsConfig:
 
     def __post_init__(self):
         if self.num_videos < 2:
-            raise ValueError("num_videos must be >= 2 (reference mismatches borrow another video's people)")
-        if self.pairs_per_video < 1:
-            raise ValueError("pairs_per_video must be >= 1")
-        if not 0 <= self.both_shift_probability <= 1:
-            raise ValueError("both_shift_probability must be in [0, 1]")
-        if self.video_suffix not in (".mp4", ".webm", ".gif"):
-            raise ValueError(f"video_suffix must be .mp4, .webm or .gif, got {self.video_suffix!r}")
+            raise UsageError(f"--num-videos must be >= 2 (reference mismatches borrow another video's people), "
+                             f"got {self.num_videos}")
+        at_least(self, 1, "pairs_per_video", "fps")
+        at_least(self, 24, "frame_size")  # the world's smallest frame
+        within(self, "num_frames", 2, 64)
+        one_of(self, "num_people", (2, 3))
+        within(self, "both_shift_probability", 0.0, 1.0)
+        one_of(self, "video_suffix", (".mp4", ".webm", ".gif"))
+        within(self, "seed", 0, 2**32 - 1)
+        within(self, "world_seed", 0, 2**32 - 1)
+        known = IDENTITY_BREAKING + LABEL_PRESERVING + BOX_FREE
+        for name in ("kinds", "box_free_kinds"):
+            kinds = getattr(self, name)
+            if not kinds:
+                raise UsageError(f"{flag(name)} needs at least one distortion kind")
+            unknown = [k for k in kinds if k not in known]
+            if unknown:
+                raise UsageError(f"{flag(name)}: unknown distortion kind(s) {unknown}; choose from {list(known)}")
 
 
 def world_source_videos(config: SynthPairsConfig) -> list[SourceVideo]:

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from idgrpo.errors import UsageError, above, at_least
 from idgrpo.kernels.attention import attention
 
 
@@ -59,14 +60,21 @@ class RewardModelConfig:
     """Width of the fine patch descriptors."""
 
     def __post_init__(self):
+        # Messages name the flags of `idgrpo train-reward`, where this config is `--model.*`.
+        at_least(self, 1, "image_size", "patch_size", "dim", "depth", "heads", "max_frames", "parts", "presence_patch",
+                 "presence_dim", prefix="model")
+        at_least(self, 0, "temporal_depth", prefix="model")
+        above(self, 0.0, "mlp_ratio", prefix="model")
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise UsageError(f"--model.image-size {self.image_size} is not a multiple of --model.patch-size "
+                             f"{self.patch_size}")
         if self.image_size % self.presence_patch:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of presence_patch {self.presence_patch}")
+            raise UsageError(f"--model.image-size {self.image_size} is not a multiple of --model.presence-patch "
+                             f"{self.presence_patch}")
         if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} is not a multiple of heads {self.heads}")
-        if min(self.dim, self.depth, self.heads, self.max_frames, self.parts) < 1 or self.temporal_depth < 0:
-            raise ValueError("dim, depth, heads, max_frames and parts must be >= 1, temporal_depth >= 0")
+            raise UsageError(f"--model.dim {self.dim} is not a multiple of --model.heads {self.heads}")
+        if int(self.dim * self.mlp_ratio) < 1:
+            raise UsageError(f"--model.mlp-ratio {self.mlp_ratio} leaves no MLP width at --model.dim {self.dim}")
 
     @staticmethod
     def from_name(name: str) -> RewardModelConfig:

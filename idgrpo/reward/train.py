@@ -44,6 +44,8 @@ from idgrpo.engine import (
     progress,
     step_if_finite,
 )
+from idgrpo.engine.metrics import strict_json
+from idgrpo.errors import UsageError, above, at_least, device_name, one_of, within
 from idgrpo.reward.data import load_pairs, read_pairs, split_pairs
 from idgrpo.reward.losses import INVALID, PREFER_A, PREFER_B, TIE, bt_loss, btt_loss, btt_probabilities
 from idgrpo.reward.model import IdentityRewardModel, RewardModelConfig
@@ -125,27 +127,46 @@ class TrainRewardConfig:
     """Resume from the latest checkpoint in --out when there is one."""
     threads: int = 0
     """torch CPU threads (0 = leave as is)."""
+    collective_timeout: float | None = None
+    """Seconds a collective may wait for a stopped or slow peer before the run fails (None:
+    $IDGRPO_COLLECTIVE_TIMEOUT, else 600; docs/reliability.md)."""
 
     def __post_init__(self):
-        if self.ties_k <= 1:
-            raise ValueError(f"ties_k must be > 1, got {self.ties_k}")
-        if min(self.epochs, self.batch_size, self.num_frames) < 1:
-            raise ValueError("epochs, batch_size and num_frames must be >= 1")
-        if self.lr <= 0:
-            raise ValueError("lr must be > 0")
-        if self.lora_rank < 0 or self.lora_alpha < 0:
-            raise ValueError("lora_rank and lora_alpha must be >= 0")
+        one_of(self, "architecture", ("compact", "vlm"))
+        one_of(self, "loss", ("btt", "bt"))
+        one_of(self, "precision", ("fp32", "bf16"))
+        within(self, "held_out_fraction", 0.0, 1.0, open_low=True, open_high=True)
+        above(self, 1.0, "ties_k")
+        at_least(self, 1, "num_frames", "epochs", "batch_size", "vlm_lora_rank", "vlm_video_min_pixels")
+        above(self, 0.0, "lr", "grad_clip", "vlm_lora_alpha")
+        at_least(self, 0, "weight_decay", "lora_rank", "lora_alpha", "max_minutes", "threads")
+        at_least(self, 28, "vlm_image_size")
+        at_least(self, 28 * 28, "vlm_max_pixels")
+        within(self, "seed", 0, 2**32 - 1)
+        if self.collective_timeout is not None:
+            above(self, 0.0, "collective_timeout")
+        device_name(self)
+        if self.preset:
+            try:
+                RewardModelConfig.from_name(self.preset)
+            except ValueError as e:
+                raise UsageError(f"--preset: {e}") from None
         if self.architecture == "vlm":
             if self.init_from is not None or self.lora_rank:
-                raise ValueError("--init-from and --lora-rank are compact-model options; with --model vlm use "
+                raise UsageError("--init-from and --lora-rank are compact-model options; with --model vlm use "
                                  "--vlm-base and --vlm-lora-rank")
             if self.vlm_base is None and self.vlm_tokenizer is None:
-                raise ValueError("--model vlm needs --vlm-base, or --vlm-tokenizer for a random --vlm-preset")
-            if self.vlm_lora_rank < 1 or self.vlm_lora_alpha <= 0:
-                raise ValueError("vlm_lora_rank must be >= 1 and vlm_lora_alpha > 0")
-            if self.vlm_image_size < 28 or self.vlm_max_pixels < 28 * 28 or self.vlm_video_min_pixels < 1:
-                raise ValueError("vlm_image_size >= 28, vlm_max_pixels >= 784 and vlm_video_min_pixels >= 1 "
-                                 "are required")
+                raise UsageError("--model vlm needs --vlm-base, or --vlm-tokenizer for a random --vlm-preset")
+            if self.vlm_base is None:
+                from idgrpo.models.qwen2_5_vl import Qwen2_5_VLConfig
+
+                try:
+                    Qwen2_5_VLConfig.from_name(self.vlm_preset)
+                except ValueError as e:
+                    raise UsageError(f"--vlm-preset: {e}") from None
+        elif self.init_from is None and self.num_frames > self.model_config().max_frames:
+            raise UsageError(f"--num-frames {self.num_frames} is more than the model's max_frames "
+                             f"{self.model_config().max_frames} (--model.max-frames)")
 
     def model_config(self) -> RewardModelConfig:
         return RewardModelConfig.from_name(self.preset) if self.preset else self.model
@@ -206,18 +227,19 @@ def evaluate(model, tensors, config: TrainRewardConfig, device, batch_size: int 
     valid = labels != INVALID
     correct3 = (outcome == labels) & valid
     confidence = probs.max(-1).values
-    ece = 0.0
+    ece = 0.0 if valid.any() else None
     for low in torch.linspace(0, 1, 11)[:-1]:
         in_bin = valid & (confidence > low) & (confidence <= low + 0.1)
         if in_bin.any():
             ece += float(in_bin.sum()) / float(valid.sum()) * abs(
                 float(correct3[in_bin].float().mean()) - float(confidence[in_bin].mean()))
     ties = labels == TIE
+    # An accuracy over zero pairs is absent (None, `null` in the logs), never a 0.
     metrics = {
         "val_loss": loss,
-        "val_acc_non_tie": float(correct_non_tie.sum()) / max(1, int(non_tie.sum())),
-        "val_acc_with_ties": float(correct3.sum()) / max(1, int(valid.sum())),
-        "val_tie_acc": float(correct3[ties].float().mean()) if ties.any() else float("nan"),
+        "val_acc_non_tie": _accuracy(correct_non_tie, non_tie),
+        "val_acc_with_ties": _accuracy(correct3, valid),
+        "val_tie_acc": _accuracy(correct3, ties),
         "val_ece": ece,
         "val_pairs": len(tensors),
         "val_non_tie_pairs": int(non_tie.sum()),
@@ -229,6 +251,16 @@ def evaluate(model, tensors, config: TrainRewardConfig, device, batch_size: int 
         elif rows.any():
             metrics[f"val_acc/{kind}"] = float(correct3[rows].float().mean())
     return metrics
+
+
+def _accuracy(correct: torch.Tensor, counted: torch.Tensor) -> float | None:
+    """Share of the `counted` pairs that are `correct` (both (N,) bool); None when no pair counts."""
+    return float((correct & counted).sum()) / int(counted.sum()) if counted.any() else None
+
+
+def format_metric(value: float | None) -> str:
+    """A printed accuracy or calibration error: three decimals, or `n/a` when it is absent."""
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 LORA_TARGETS = ("q", "kv", "out", "mlp.0", "mlp.2")
@@ -270,12 +302,11 @@ def train_reward(config: Annotated[TrainRewardConfig, tyro.conf.arg(name="")]) -
     one process, or `torchrun` (gloo on CPU, NCCL on GPU) with the model wrapped in FSDP."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    info = init_distributed()
+    info = init_distributed(config.collective_timeout)
     device = _device(config.device, info.device)
     main = info.rank == 0
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    pairs, report = read_pairs(config.data, skip_bad_rows=config.skip_bad_rows)
+    pairs, report = read_pairs(config.data, skip_bad_rows=config.skip_bad_rows)  # before --out is created
     if config.val_data is not None:
         train_pairs = pairs
         val_pairs, val_report = read_pairs(config.val_data, skip_bad_rows=config.skip_bad_rows)
@@ -283,6 +314,7 @@ def train_reward(config: Annotated[TrainRewardConfig, tyro.conf.arg(name="")]) -
         report.reasons += val_report.reasons
     else:
         train_pairs, val_pairs = split_pairs(pairs, config.held_out_fraction, config.seed)
+    out.mkdir(parents=True, exist_ok=True)
     vlm = config.architecture == "vlm"
     # Loaded before the data: its config decides the image size.
     initial = IdentityRewardModel.load(config.init_from).train() if config.init_from is not None else None
@@ -355,10 +387,10 @@ def train_reward(config: Annotated[TrainRewardConfig, tyro.conf.arg(name="")]) -
         history.append(record)
         if main:
             with (out / "eval.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(strict_json(record) + "\n")
             print(f"epoch {epoch + 1}: train_loss {record['train_loss']:.4f} val_loss {record['val_loss']:.4f} "
-                  f"acc(non-tie) {record['val_acc_non_tie']:.3f} acc(ties) {record['val_acc_with_ties']:.3f} "
-                  f"ece {record['val_ece']:.3f}")
+                  f"acc(non-tie) {format_metric(record['val_acc_non_tie'])} "
+                  f"acc(ties) {format_metric(record['val_acc_with_ties'])} ece {format_metric(record['val_ece'])}")
         checkpointer.save(step, model, optimizer, extra={"epoch": epoch + 1, "history": history})
         if config.max_minutes and (time.monotonic() - started) / 60 > config.max_minutes:
             if main:
@@ -401,7 +433,7 @@ def train_reward(config: Annotated[TrainRewardConfig, tyro.conf.arg(name="")]) -
 def _write_summary(out: Path, config: TrainRewardConfig, report, history: list[dict]) -> None:
     summary = {"config": json.loads(json.dumps(asdict(config), default=str)), "skipped_rows": report.skipped,
                "final": history[-1] if history else None}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.json").write_text(strict_json(summary, indent=1))
     print(f"train-reward: model written to {out / 'final'}")
 
 
@@ -433,27 +465,25 @@ class ScoreConfig:
 
     def __post_init__(self):
         if self.csv is None and not self.videos:
-            raise ValueError("give --videos (with --refs) or --csv")
+            raise UsageError("give --videos (with --refs) or --csv")
         if self.videos and not self.refs:
-            raise ValueError("--videos needs --refs (the reference images of the people)")
+            raise UsageError("--videos needs --refs (the reference images of the people)")
+        at_least(self, 1, "batch_size", "num_frames")
+        device_name(self)
 
 
 def _score_rows(config: ScoreConfig) -> list[tuple[Path, list[Path], str, str]]:
     """(video, refs, prompt, where) rows, paths checked."""
-    from idgrpo.reward.data import PairDataError, _split_refs
+    from idgrpo.reward.data import PairDataError, _rows, _split_refs
 
     rows = []
     if config.csv is not None:
         path = Path(config.csv)
         if not path.exists():
             raise PairDataError(f"{path}: file does not exist")
-        if path.suffix.lower() == ".csv":
-            with path.open(newline="") as f:
-                reader = csv.DictReader(f)
-                items = [(reader.line_num, row) for row in reader]
-        else:
-            items = [(n, json.loads(line)) for n, line in enumerate(path.open(), 1) if line.strip()]
-        for number, row in items:
+        for number, row in _rows(path):  # the pair files' reader: bad JSON is an error naming the line
+            if isinstance(row, PairDataError):
+                raise row
             where = f"{path}:{number}"
             if not row.get("video") or not row.get("refs"):
                 raise PairDataError(f"{where}: needs columns 'video' and 'refs'")
@@ -475,8 +505,11 @@ def score(config: Annotated[ScoreConfig, tyro.conf.arg(name="")]) -> int:
 
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if config.device == "auto" else config.device))
+    rows = _score_rows(config)  # every path checked before the model loads
     model = IdentityRewardModel.load(config.model, device)
-    rows = _score_rows(config)
+    if config.num_frames > model.config.max_frames:
+        raise UsageError(f"--num-frames {config.num_frames} is more than the model's max_frames "
+                         f"{model.config.max_frames} ({config.model})")
     results = []
     for start in range(0, len(rows), config.batch_size):
         chunk = rows[start:start + config.batch_size]
