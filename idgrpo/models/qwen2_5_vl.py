@@ -495,8 +495,9 @@ class Qwen2_5_VL(nn.Module):
                 module.attention_fn = ATTENTION_IMPLEMENTATIONS[implementation]
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        if self.lm_head is None:  # tied: the embedding matrix (an Embedding, which LoRA does not wrap)
+            return F.linear(hidden, self.model.embed_tokens.weight)
+        return self.lm_head(hidden)  # the module call, so a LoRA adapter on lm_head acts
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -512,7 +513,9 @@ def to_checkpoint_key(key: str) -> str:
 
 
 def to_new_hf_key(key: str) -> str:
-    """Checkpoint names -> transformers >= 4.52 names (for tests and exports)."""
+    """Checkpoint names -> transformers >= 4.52 names (for tests and exports); names already new are unchanged."""
+    if key.startswith(("model.language_model.", "model.visual.")):
+        return key
     if key.startswith("visual."):
         return "model." + key
     if key.startswith("model."):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from idgrpo.kernels.attention import attention
 from idgrpo.kernels.norm import gated_residual, layer_norm, layer_norm_modulate, rms_norm
 from idgrpo.kernels.rope import apply_rope, wan_rope_table
+from idgrpo.models.lora import LoRALinear
 
 ATTENTION_IMPLS = ("idgrpo", "sdpa")
 REFERENCE_MODES = ("none", "vace", "phantom")
@@ -305,9 +306,12 @@ class ConditionEmbedder(nn.Module):
 
 
 def _linear_fp32(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """A Linear evaluated in fp32 whatever its parameters' dtype (the original's fp32 autocast regions)."""
+    """A Linear evaluated in fp32 whatever its parameters' dtype (the original's fp32 autocast regions); a LoRA
+    adapter on it adds its term in fp32 too, so these layers act the same unmerged as merged (docs/lora.md)."""
     bias = None if linear.bias is None else linear.bias.float()
-    return F.linear(x.float(), linear.weight.float(), bias)
+    out = F.linear(x.float(), linear.weight.float(), bias)
+    delta = linear.adapter_output(x, torch.float32) if isinstance(linear, LoRALinear) else None
+    return out if delta is None else out + delta
 
 
 # ----------------------------------------------------------------------------- the model
