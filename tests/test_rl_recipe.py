@@ -1,4 +1,7 @@
-"""VACE and Phantom GRPO runs end to end on tiny models (random tiny VAE + tiny Wan DiT + LoRA), CPU."""
+"""VACE and Phantom GRPO runs end to end on tiny models (random tiny VAE + tiny Wan DiT + LoRA), CPU; VACE reference
+preprocessing and evaluation at another video size."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -99,3 +102,46 @@ def test_config_rejects_bad_settings(field, value, message):
     GRPOConfig.from_name("tiny", num_steps=8)  # the defaults are valid
     with pytest.raises(ValueError, match=message):
         GRPOConfig.from_name("tiny", num_steps=8, **{field: value})
+
+
+def test_vace_references_are_resized_as_diffusers_does_unless_turned_off():
+    from idgrpo.rl.recipe import diffusers_reference_image
+
+    config = GRPOConfig.from_name("tiny", height=16, width=16, num_frames=5)
+    vae = WanVAE(WanVAEConfig.from_name("tiny")).eval().requires_grad_(False)
+    rows = _rows(2)  # references of 12x9 and 16x9 pixels: both resized to multiples of 8 first
+    resized = [PromptRow(r.prompt, [diffusers_reference_image(image) for image in r.references]) for r in rows]
+    off = dataclasses.replace(config, diffusers_ref_resize=False)
+    context = vace_conditioning_builder(vae, HashedText(32), config, 2)(rows).branches[0].kwargs["vace_context"]
+    by_hand = vace_conditioning_builder(vae, HashedText(32), off, 2)(resized).branches[0].kwargs["vace_context"]
+    original = vace_conditioning_builder(vae, HashedText(32), off, 2)(rows).branches[0].kwargs["vace_context"]
+    assert torch.equal(context, by_hand) and not torch.equal(context, original)
+
+
+def test_vace_evaluation_runs_at_its_own_video_size(tmp_path):
+    config = GRPOConfig.from_name("tiny", model="vace-1.3b", height=16, width=16, num_frames=5, num_steps=2,
+                                  eval_steps=2, eval_solver="euler", eval_height=32, eval_width=48,
+                                  eval_num_frames=9, eval_videos=0, guidance=3.0, lora_rank=4, lora_alpha=4.0,
+                                  reference="lora", run_dir=str(tmp_path), resume=False)
+    eval_config = dataclasses.replace(config, height=32, width=48, num_frames=9)
+    vae = WanVAE(WanVAEConfig.from_name("tiny")).eval().requires_grad_(False)
+    wan = WanConfig.from_name("tiny-vace")
+    policy = WanDiT(wan).init_weights()
+    apply_lora(policy, config.lora_rank, config.lora_alpha)
+    mark_only_lora_trainable(policy)
+    text = HashedText(wan.text_dim)
+    shapes = []
+
+    def decode(latents):
+        frames = vae.decode_frames(latents)
+        shapes.append(tuple(frames.shape))
+        return frames
+
+    trainer = GRPOTrainer(config, policy, score=brightness_score, decode=decode,
+                          build_conditioning=vace_conditioning_builder(vae, text, config, 2),
+                          latent_shape=(16, 2 + 2, 2, 2), train_rows=_rows(2), eval_rows=_rows(2),
+                          eval_latent_shape=(16, 3 + 2, 4, 6),
+                          build_eval_conditioning=vace_conditioning_builder(vae, text, eval_config, 2),
+                          log=lambda m: None)
+    assert torch.isfinite(torch.tensor(trainer.evaluate(0)))
+    assert shapes == [(2, 9, 32, 48, 3)]  # both rows in one batch, at the evaluation size

@@ -8,9 +8,10 @@ import zlib
 import pytest
 import torch
 
+from idgrpo.rl import read_prompts
 from idgrpo.rl.config import GRPOConfig
 from idgrpo.rl.toy import ToyFlowPolicy, brightness_score, toy_conditioning, toy_decode
-from idgrpo.rl.trainer import GRPOTrainer, PromptRow, _png_bytes, assign_epoch, read_rows, write_curve_png
+from idgrpo.rl.trainer import GRPOTrainer, PromptRow, _png_bytes, assign_epoch, write_curve_png
 
 SHAPE = (4, 2, 8, 8)  # (C, F, H, W) latent of the toy policy
 
@@ -255,23 +256,21 @@ def test_reward_curve_labels_show_the_range_and_epochs(tmp_path):
     assert red[:12].any()  # the eval series is named in the legend
 
 
-def test_read_rows_reference_format(tmp_path):
+def test_train_rows_load_their_reference_images(tmp_path):
+    """train-grpo reads its CSV with the shared reader (tests/test_prompts.py covers the format); references are
+    loaded as uint8 images, absolute paths kept, and a missing one is named with its line."""
     image = torch.randint(0, 256, (6, 10, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     (tmp_path / "a.png").write_bytes(_png_bytes(image))
     csv_path = tmp_path / "train.csv"
-    csv_path.write_text('ref_paths,prompt\n"a.png;/abs/b.png",two people talk\n,a person walks\n')
-    rows = read_rows(csv_path, load_images=False)
+    csv_path.write_text(f'ref_paths,prompt\n"a.png;{tmp_path / "b.png"}",two people talk\n,a person walks\n')
+    rows = read_prompts(csv_path)
     assert [r.prompt for r in rows] == ["two people talk", "a person walks"]
-    assert rows[0].ref_paths == [str(tmp_path / "a.png"), "/abs/b.png"] and rows[1].ref_paths == []
-    bad = tmp_path / "bad.csv"
-    bad.write_text("ref_paths,caption\nx,y\n")
-    with pytest.raises(ValueError, match="prompt"):
-        read_rows(bad)
-    with pytest.raises(FileNotFoundError, match="b.png"):
-        read_rows(csv_path)
+    assert rows[0].ref_paths == [tmp_path / "a.png", tmp_path / "b.png"] and rows[1].ref_paths == []
+    with pytest.raises(FileNotFoundError, match="train.csv line 2: reference image .*b.png not found"):
+        read_prompts(csv_path, references="load")
     pytest.importorskip("av")
     csv_path.write_text("ref_paths,prompt\na.png,one person\n")
-    (row,) = read_rows(csv_path)
+    (row,) = read_prompts(csv_path, references="load")
     assert torch.equal(row.references[0], image)
 
 
@@ -288,7 +287,7 @@ def test_cli_train_grpo_tiny_toy_and_tiny_wan_dit_with_lora(tmp_path):
     record = json.loads((tmp_path / "dit" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["max_abs_ratio_minus_1_first_inner"] < 1e-5 and record["kl"] < 1e-8
     config = json.loads((tmp_path / "dit" / "lora" / "adapter_config.json").read_text())
-    assert config["r"] == 4 and "to_q" in config["target_modules"]
+    assert config["r"] == 4 and "blocks.0.attn1.to_q" in config["target_modules"]  # full names (docs/lora.md)
     from safetensors.torch import load_file
 
     weights = load_file(str(tmp_path / "dit" / "lora" / "adapter_model.safetensors"))

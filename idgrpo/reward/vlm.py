@@ -24,6 +24,8 @@ BT/BTT losses; `VLMReward.save(...)` writes the published layout.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
 import tempfile
 from dataclasses import asdict, dataclass, replace
@@ -38,6 +40,7 @@ from idgrpo.models.qwen2_5_vl import (
     Qwen2_5_VLConfig,
     load_qwen2_5_vl,
     to_checkpoint_key,
+    to_new_hf_key,
 )
 from idgrpo.models.qwen_processor import QwenBatch, QwenProcessor, QwenProcessorConfig
 from idgrpo.models.weights import CheckpointError
@@ -51,8 +54,8 @@ REWARD_TOKEN = "<|SA_reward|>"
 # Note: written for idgrpo, not the Identity-GRPO rubric: same layout and the same ending ("... subject alignment:
 # <|SA_reward|>\nEND"). The published checkpoint was trained with the `subject_alignment_special` template
 # (SUBJECT_ALIGNMENT_PROMPT_WITH_SPECIAL_TOKEN in alibaba/identity-grpo vace_reward/prompt_template.py): a
-# face-similarity rubric that does not include the caption. To score with that checkpoint, pass its text verbatim
-# as `instruction` (our `{prompt}` placeholder is then simply absent).
+# face-similarity rubric that does not include the caption. To score with that checkpoint, read its text with
+# `read_instruction` (or let `published_scoring_config` do it; docs/recipe.md, "Reward scoring").
 SUBJECT_ALIGNMENT_INSTRUCTION = (
     "The pictures above are reference images of the subjects, and the video was generated from the caption "
     "\"{prompt}\". Judge subject alignment: does every person in the video keep the identity of their reference "
@@ -60,6 +63,15 @@ SUBJECT_ALIGNMENT_INSTRUCTION = (
     "cloned or missing? Please provide the rating of subject alignment: " + REWARD_TOKEN + "\nEND")
 # Every Linear of the language model (LoRA targets of the recipe; not the vision tower, lm_head or rm_head).
 LLM_LINEARS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+REWARD_CONFIG_FILE = "reward_config.json"
+# The published reward's training configuration (in its checkpoint's parent directory, outputs/identity_reward), and
+# the template constant its `prompt_template_type` "subject_alignment_special" selects in prompt_template.py.
+PUBLISHED_CONFIG_FILE = "model_config.json"
+PUBLISHED_TEMPLATE_TYPE = "subject_alignment_special"
+PUBLISHED_TEMPLATE_NAME = "SUBJECT_ALIGNMENT_PROMPT_WITH_SPECIAL_TOKEN"
+# The official GRPO loop writes every rollout to an mp4 with diffusers' `export_to_video`, whose default rate is
+# 10 fps, and the reward reads the rate from the file: the sampled frames' temporal positions follow from 10 fps.
+IDENTITY_GRPO_VIDEO_FPS = 10.0
 
 
 @dataclass
@@ -71,7 +83,8 @@ class VLMRewardConfig:
     num_frames: int = 5
     """Frames requested per video (rounded to a multiple of 2: 5 -> 4, as the reference)."""
     fps: float = 16.0
-    """Frame rate of the scored videos (temporal M-RoPE positions)."""
+    """Frame rate of the scored videos: with num_frames it sets the sampled frames' temporal M-RoPE positions.
+    Wan generates 16 fps video; the official GRPO loop scores its rollouts at 10 fps (`IDENTITY_GRPO_VIDEO_FPS`)."""
     max_pixels: int = 399_360
     """Pixel budget of reference images and video frames."""
     video_min_pixels: int = 128 * 28 * 28
@@ -88,6 +101,90 @@ class VLMRewardConfig:
             raise ValueError(f"instruction must contain the reward token {self.reward_token!r}")
         if self.num_frames < 1 or self.fps <= 0 or self.max_pixels < 28 * 28:
             raise ValueError("num_frames >= 1, fps > 0 and max_pixels >= 784 are required")
+
+    def save(self, path: str | Path) -> Path:
+        """Write the settings as JSON (the `reward_config.json` of a checkpoint directory)."""
+        path = Path(path)
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> VLMRewardConfig:
+        """Read settings written by `save`; an unknown field or a value of the wrong type names the file."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read the reward settings ({e})") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of VLMRewardConfig fields")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ValueError(f"{path}: unknown VLMRewardConfig fields {unknown}")
+        for name, value in data.items():
+            kinds = {"str": str, "int": int, "float": (int, float)}[fields[name].type]
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise ValueError(f"{path}: field {name!r} must be {fields[name].type}, got {value!r}")
+        try:
+            return cls(**data)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+
+
+def read_instruction(source: str | Path) -> str:
+    """An instruction text from a file, exactly as stored (leading and trailing whitespace included: it is part of
+    the tokenized prompt). A Python file gives one module-level string constant, read with `ast` (the file is not
+    run): `prompt_template.py:NAME`, by default `PUBLISHED_TEMPLATE_NAME`, so the official
+    `vace_reward/prompt_template.py` yields the published reward's rubric. Any other file is the text itself."""
+    source = str(source)
+    path, _, name = source.partition(".py:")
+    path, name = (path + ".py", name) if name else (source, PUBLISHED_TEMPLATE_NAME)
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: instruction file not found")
+    text = file.read_text(encoding="utf-8")
+    if file.suffix != ".py":
+        return text
+    try:
+        module = ast.parse(text, filename=str(file))
+    except SyntaxError as e:
+        raise ValueError(f"{file}: not a readable Python file ({e})") from e
+    for node in module.body:
+        if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets)
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+            return node.value.value
+    raise ValueError(f"{file}: no module-level string constant {name!r}")
+
+
+def published_scoring_config(checkpoint: str | Path, instruction: str) -> VLMRewardConfig:
+    """How the official GRPO loop scores with a published-layout reward checkpoint: the frame count and pixel budget
+    of its `model_config.json` (`data_config`, in the checkpoint directory or its parent; the published values when
+    there is none), `instruction` (its template's text, see `read_instruction`) and 10 fps."""
+    checkpoint = Path(checkpoint)
+    config = VLMRewardConfig(instruction=instruction, fps=IDENTITY_GRPO_VIDEO_FPS)
+    found = [f for f in (checkpoint / PUBLISHED_CONFIG_FILE, checkpoint.parent / PUBLISHED_CONFIG_FILE) if f.is_file()]
+    if not found:
+        return config
+    file = found[0]
+    try:
+        data = json.loads(file.read_text()).get("data_config")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{file}: cannot read the reward's data_config ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: no data_config object")
+    template = data.get("prompt_template_type")
+    if template != PUBLISHED_TEMPLATE_TYPE:
+        raise ValueError(f"{file}: data_config.prompt_template_type is {template!r}; only {PUBLISHED_TEMPLATE_TYPE!r} "
+                         f"(one reward token, no caption) is supported")
+    if data.get("num_frames") is None:
+        raise ValueError(f"{file}: data_config.num_frames is null (frames sampled by fps), which idgrpo does not "
+                         f"support; the published reward requests 5 frames")
+    changes = {"num_frames": data["num_frames"], "max_pixels": data.get("max_frame_pixels", config.max_pixels)}
+    for name, value in changes.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+            raise ValueError(f"{file}: data_config value for {name} must be a whole number, got {value!r}")
+    return replace(config, **{name: int(value) for name, value in changes.items()})
 
 
 class VLMReward(nn.Module):
@@ -174,9 +271,12 @@ class VLMReward(nn.Module):
                         config: VLMRewardConfig | None = None, dtype: torch.dtype = torch.bfloat16,
                         device: torch.device | str = "cpu") -> VLMReward:
         """Base model directory (HF layout + tokenizer.json) plus, optionally, a reward checkpoint directory
-        (PEFT adapters + non-LoRA state). Without a checkpoint, rm_head is freshly initialised."""
-        config = config or VLMRewardConfig()
+        (PEFT adapters + non-LoRA state). Without a checkpoint, rm_head is freshly initialised. Without `config`,
+        the checkpoint's own `reward_config.json` when it has one, else the defaults."""
         base, checkpoint = Path(base), Path(checkpoint) if checkpoint is not None else None
+        if config is None and checkpoint is not None and (checkpoint / REWARD_CONFIG_FILE).is_file():
+            config = VLMRewardConfig.load(checkpoint / REWARD_CONFIG_FILE)
+        config = config or VLMRewardConfig()
         non_lora = _read_non_lora(checkpoint) if checkpoint is not None else {}
         backbone = load_qwen2_5_vl(base, dtype=dtype, device=device)
         tokenizer_dir = checkpoint if checkpoint is not None and (checkpoint / "tokenizer.json").is_file() else base
@@ -227,7 +327,9 @@ class VLMReward(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if any(True for _ in lora_parameters(self.backbone)):
-            save_peft(self.backbone, directory, base_model_name_or_path=base_model_name_or_path)
+            # transformers >= 4.52 module names (`model.language_model.layers...`), which peft matches on today's
+            # Qwen2.5-VL; `load_checkpoint` reads both namings.
+            save_peft(self.backbone, directory, base_model_name_or_path=base_model_name_or_path, rename=to_new_hf_key)
         state = {"rm_head.weight": self.rm_head.weight, "model.embed_tokens.weight":
                  self.backbone.model.embed_tokens.weight}
         state.update({k: v for k, v in self.backbone.named_parameters()
@@ -235,7 +337,7 @@ class VLMReward(nn.Module):
         save_file({PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in state.items()},
                   str(directory / NON_LORA_FILES[0]), metadata={"format": "pt"})
         self.processor.tokenizer.save(str(directory / "tokenizer.json"))
-        (directory / "reward_config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        self.config.save(directory / REWARD_CONFIG_FILE)
         return directory
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -352,5 +454,6 @@ def build_vlm_reward_for_training(base: str | Path | None, config: VLMRewardConf
     return model
 
 
-__all__ = ["LLM_LINEARS", "REWARD_TOKEN", "SUBJECT_ALIGNMENT_INSTRUCTION", "VLMReward", "VLMRewardConfig",
-           "build_vlm_reward_for_training", "resize_embeddings"]
+__all__ = ["IDENTITY_GRPO_VIDEO_FPS", "LLM_LINEARS", "REWARD_CONFIG_FILE", "REWARD_TOKEN",
+           "SUBJECT_ALIGNMENT_INSTRUCTION", "VLMReward", "VLMRewardConfig", "build_vlm_reward_for_training",
+           "published_scoring_config", "read_instruction", "resize_embeddings"]

@@ -9,6 +9,7 @@
 - `toy`: a tiny analytic flow policy, decoder and brightness reward (CPU demo, tests).
 """
 
+from idgrpo.prompts import PromptRow, read_prompts
 from idgrpo.rl.config import GRPOConfig
 from idgrpo.rl.sampler import (
     Branch,
@@ -23,10 +24,10 @@ from idgrpo.rl.sampler import (
     unipc_sample,
 )
 from idgrpo.rl.schedules import FlowSchedule, flow_schedule
-from idgrpo.rl.trainer import EMA, GRPOTrainer, PromptRow, assign_epoch, read_rows
+from idgrpo.rl.trainer import EMA, GRPOTrainer, assign_epoch
 
 __all__ = [
     "EMA", "Branch", "Conditioning", "FlowSchedule", "GRPOConfig", "GRPOTrainer", "PromptRow", "Rollout", "StepPlan",
     "StepSchedule", "assign_epoch", "cfg_conditioning", "flow_schedule", "guided_velocity", "phantom_conditioning",
-    "read_rows", "sample", "unipc_sample",
+    "read_prompts", "sample", "unipc_sample",
 ]

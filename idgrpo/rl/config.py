@@ -1,5 +1,5 @@
 """Configuration of `idgrpo train-grpo`, with the named presets `tiny` (CPU demo), `vace-1.3b` (the Identity-GRPO
-reference recipe, spec §6.3) and `phantom-1.3b`.
+reference recipe) and `phantom-1.3b`; docs/recipe.md maps the official script's settings onto these fields.
 
     GRPOConfig.from_name("vace-1.3b")                                  # in Python
     idgrpo train-grpo vace-1.3b --train-csv data/train.csv ...         # on the command line (one preset per subcommand)
@@ -14,6 +14,8 @@ from idgrpo.rl.sampler import NOISE_SCHEDULES
 from idgrpo.rl.schedules import GRIDS
 
 MODELS = ("toy", "tiny", "vace-1.3b", "phantom-1.3b")
+EMA_SCHEDULES = ("interval", "identity_grpo")
+DTYPES = ("bfloat16", "float32")
 
 
 @dataclass
@@ -67,6 +69,13 @@ class GRPOConfig:
     """Directory of the DiT checkpoint (original Wan or diffusers key names); required for the 1.3B models."""
     vae_path: str | None = None
     """Wan VAE weights (`Wan2.1_VAE.pth` or safetensors); decodes rollouts for the reward, encodes references."""
+    vae_dtype: str = "float32"
+    """Dtype of the Wan VAE on GPU ("float32", as the Identity-GRPO script keeps it, or "bfloat16": faster, a
+    little less exact); it encodes the references and decodes every rollout. CPU always float32."""
+    init_lora: str | None = None
+    """PEFT LoRA directory (adapter_config.json + adapter_model.safetensors, e.g. the published Identity-GRPO LoRA
+    or this trainer's `lora/` export) to start training from, as the official `train.lora_path`; its rank, alpha
+    and target modules replace `lora_rank` / `lora_alpha`. A checkpoint in `run_dir` (resume) takes precedence."""
     prompt_cache: str | None = None
     """Text-embedding cache written by `idgrpo encode-prompts` (umT5 outputs, padded to 512); its negative prompt
     (Wan's default Chinese one unless changed at encoding time) is the unconditional branch."""
@@ -78,8 +87,8 @@ class GRPOConfig:
     """Reward factory "module:function", called as factory(config, device) -> score(frames, references, prompts).
     Resolved at run time, so the trainer never imports a reward implementation (DESIGN.md layering). Required
     (no default) for the 1.3B presets: pass the identity reward model's factory,
-    `idgrpo.reward.factories:compact` (with `--extra reward_checkpoint=DIR`) or `idgrpo.reward.factories:vlm`
-    (with `--extra reward_base=DIR reward_checkpoint=DIR`)."""
+    `idgrpo.reward.factories:compact` (with `--extra reward_checkpoint DIR`) or `idgrpo.reward.factories:vlm`
+    (with `--extra reward_base DIR reward_checkpoint DIR [reward_template FILE]`; docs/recipe.md)."""
     run_dir: str = "runs/grpo"
     """Metrics (JSON lines), checkpoints, LoRA (PEFT) + EMA exports, reward curve PNG and sample videos."""
 
@@ -102,7 +111,11 @@ class GRPOConfig:
     """Phantom only: the image guidance scale of its three-pass CFG (`guidance` is the text scale)."""
     diffusers_ref_order: bool = True
     """VACE: order the reference latents as diffusers' pipeline does (reversed list order, which the Identity-GRPO
-    recipe ran on) rather than the Wan/VACE original's list order (spec §2.4)."""
+    recipe ran on) rather than the Wan/VACE original's list order (docs/models.md, "VACE context")."""
+    diffusers_ref_resize: bool = True
+    """VACE: first resize each reference image to its size rounded down to multiples of 8 with Lanczos (PIL's
+    filter, reproduced exactly), as diffusers' WanVACEPipeline does before fitting it into the video frame, which
+    the Identity-GRPO recipe ran on. Off: the image is fitted directly (the Wan/VACE original)."""
     noise_schedule: str = "identity_grpo"
     """SDE noise level s_t: "identity_grpo" (sigmas[1]·σ) or "flow_grpo" (noise_level·√(σ/(1−σ)))."""
     noise_level: float = 0.7
@@ -164,9 +177,19 @@ class GRPOConfig:
     lora_alpha: float = 32.0
     """LoRA alpha."""
     ema_decay: float = 0.9
-    """EMA decay of the trainable weights (0 disables the EMA)."""
+    """EMA decay of the trainable weights (0 disables the EMA); the decay actually used at step count g is the
+    warm-up min(ema_decay, (1 + g) / (10 + g))."""
     ema_every: int = 8
     """EMA update interval in optimizer steps."""
+    ema_schedule: str = "interval"
+    """When the EMA updates: "interval" (after optimizer steps ema_every, 2·ema_every, ...: one update, with
+    g = the 0-based index of the step just taken) or "identity_grpo" (the official script: after optimizer steps
+    ema_every - 1, 2·ema_every - 1, ...: `ema_repeats` updates, with g = the number of steps taken), see
+    docs/recipe.md."""
+    ema_repeats: int = 1
+    """Updates applied at each EMA update point. The official script's EMA runs once per micro-batch with the
+    optimizer step count, so each due count is applied once per micro-batch of an optimizer step: 4 in its
+    configuration."""
     overlap_reward: bool = True
     """Decode + score each rollout batch on a worker thread (own CUDA stream) while the next batch is sampled.
     Turn off for a reward model that runs collectives (sharded), which must not interleave with the policy's."""
@@ -183,7 +206,13 @@ class GRPOConfig:
     eval_steps: int = 50
     """Sampling steps at evaluation."""
     eval_solver: str = "unipc"
-    """ODE solver at evaluation: "unipc" or "euler"."""
+    """ODE solver at evaluation: "unipc" or "euler" (the official script: Euler steps, no noise)."""
+    eval_height: int | None = None
+    """Video height at evaluation (multiple of 16); None: `height`."""
+    eval_width: int | None = None
+    """Video width at evaluation (multiple of 16); None: `width`."""
+    eval_num_frames: int | None = None
+    """Frames per video at evaluation (4k+1); None: `num_frames`."""
     eval_videos: int = 2
     """Sample videos written (mp4 + gif) per evaluation."""
     eval_with_ema: bool = True
@@ -203,7 +232,7 @@ class GRPOConfig:
     compute_dtype: str = "bfloat16"
     """Compute dtype of the policy on GPU ("bfloat16" or "float32"; CPU always float32)."""
     extra: dict[str, str] = field(default_factory=dict)
-    """Free-form settings passed to the reward factory (e.g. its checkpoint path)."""
+    """Free-form settings passed to the reward factory (e.g. its checkpoint path): `--extra KEY VALUE [...]`."""
     baseline: BaselineFlags = field(default_factory=BaselineFlags)
     """Benchmark baseline switches (all off = the fast path); each computes the same function, only slower."""
 
@@ -226,6 +255,27 @@ class GRPOConfig:
             raise ValueError(f"height/width must be multiples of 16, got {self.height}x{self.width}")
         if (self.num_frames - 1) % 4:
             raise ValueError(f"num_frames must be 4k+1, got {self.num_frames}")
+        for name in ("eval_height", "eval_width"):
+            value = getattr(self, name)
+            if value is not None and (value < 16 or value % 16):
+                raise ValueError(f"{name} must be a positive multiple of 16 (or None: the training size), got {value}")
+        if self.eval_num_frames is not None and (self.eval_num_frames < 1 or (self.eval_num_frames - 1) % 4):
+            raise ValueError(f"eval_num_frames must be 4k+1 (or None: num_frames), got {self.eval_num_frames}")
+        if self.model == "toy" and self.eval_size != (self.height, self.width, self.num_frames):
+            raise ValueError(f"the toy policy is built for one latent shape: evaluate it at the training size "
+                             f"{self.height}x{self.width}x{self.num_frames}, not {self.eval_size}")
+        if self.vae_dtype not in DTYPES:
+            raise ValueError(f"vae_dtype={self.vae_dtype!r}: expected one of {DTYPES}")
+        if self.ema_schedule not in EMA_SCHEDULES:
+            raise ValueError(f"ema_schedule={self.ema_schedule!r}: expected one of {EMA_SCHEDULES}")
+        if not isinstance(self.diffusers_ref_resize, bool):
+            raise ValueError(f"diffusers_ref_resize must be a bool, got {self.diffusers_ref_resize!r}")
+        if self.ema_repeats < 1:
+            raise ValueError(f"ema_repeats must be >= 1, got {self.ema_repeats}")
+        if self.init_lora is not None and (self.model == "toy" or self.lora_rank == 0):
+            raise ValueError(f"init_lora={self.init_lora!r} needs a LoRA policy: model 'tiny', 'vace-1.3b' or "
+                             f"'phantom-1.3b' with lora_rank > 0 (got model {self.model!r}, lora_rank "
+                             f"{self.lora_rank})")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         for name in ("num_steps", "group_size", "prompts_per_epoch", "rollout_batch_size", "train_batch_size",
@@ -249,6 +299,12 @@ class GRPOConfig:
     def num_trained_steps(self) -> int:
         return int(self.num_steps * self.timestep_fraction)
 
+    @property
+    def eval_size(self) -> tuple[int, int, int]:
+        """(height, width, num_frames) of the evaluation videos."""
+        return (self.eval_height or self.height, self.eval_width or self.width,
+                self.eval_num_frames or self.num_frames)
+
     @staticmethod
     def from_name(name: str, **overrides) -> GRPOConfig:
         if name not in PRESETS:
@@ -264,18 +320,24 @@ PRESETS: dict[str, GRPOConfig] = {
         lora_rank=0, reference="copy", ema_every=1, epochs=20, eval_every=5, eval_steps=8, save_every=5,
         timestep_fraction=1.0, compute_dtype="float32", run_dir="runs/grpo-tiny",
     ),
-    # The Identity-GRPO reference recipe (spec §6.3; Wan2.1-VACE-1.3B + LoRA r 32, 25 steps, CFG 4.5).
+    # The Identity-GRPO reference recipe (Wan2.1-VACE-1.3B + LoRA r 32, 25 steps, CFG 4.5), with the
+    # official script's dgx configuration on its 4-GPU launch: 16 prompts and 2 optimizer steps per epoch, its EMA
+    # schedule, evaluation with 50 Euler steps at 480x832x81 every 5 epochs. docs/recipe.md lists what differs.
     "vace-1.3b": GRPOConfig(
         model="vace-1.3b", height=240, width=416, num_frames=33, num_steps=25, shift=3.0, grid="diffusers",
-        guidance=4.5, group_size=8, lora_rank=32, lora_alpha=32.0, lr=1e-4, clip_range=1e-3, adv_clip=5.0,
-        kl_beta=0.004, ema_decay=0.9, ema_every=8, timestep_fraction=0.99, eval_steps=50,
+        guidance=4.5, group_size=8, prompts_per_epoch=16, updates_per_epoch=2, lora_rank=32, lora_alpha=32.0,
+        lr=1e-4, clip_range=1e-3, adv_clip=5.0, kl_beta=0.004, ema_decay=0.9, ema_every=8,
+        ema_schedule="identity_grpo", ema_repeats=4, timestep_fraction=0.99, eval_steps=50, eval_solver="euler",
+        eval_height=480, eval_width=832, eval_num_frames=81, eval_every=5, save_every=5,
         reward="", run_dir="runs/grpo-vace-1.3b",
     ),
     # Phantom-Wan-1.3B with the same GRPO settings; its sampler grid is Wan's original, references appended in time.
     "phantom-1.3b": GRPOConfig(
         model="phantom-1.3b", height=240, width=416, num_frames=33, num_steps=25, shift=5.0, grid="wan",
-        guidance=7.5, guidance_image=5.0, group_size=8, lora_rank=32, lora_alpha=32.0, lr=1e-4, clip_range=1e-3,
-        adv_clip=5.0, kl_beta=0.004, ema_decay=0.9, ema_every=8, timestep_fraction=0.99, eval_steps=50,
+        guidance=7.5, guidance_image=5.0, group_size=8, prompts_per_epoch=16, updates_per_epoch=2, lora_rank=32,
+        lora_alpha=32.0, lr=1e-4, clip_range=1e-3, adv_clip=5.0, kl_beta=0.004, ema_decay=0.9, ema_every=8,
+        ema_schedule="identity_grpo", ema_repeats=4, timestep_fraction=0.99, eval_steps=50, eval_solver="euler",
+        eval_height=480, eval_width=832, eval_num_frames=81, eval_every=5, save_every=5,
         reward="", run_dir="runs/grpo-phantom-1.3b",
     ),
 }

@@ -5,34 +5,39 @@ Usage:
     idgrpo train-grpo tiny --model tiny                      # CPU, the tiny Wan DiT + LoRA (the real model path)
     torchrun --nproc-per-node 8 -m idgrpo train-grpo vace-1.3b --train-csv data/train.csv --test-csv data/test.csv \
         --weights-dir ckpt/Wan2.1-VACE-1.3B-diffusers/transformer --vae-path ckpt/Wan2.1_VAE.pth \
-        --prompt-cache cache/prompts.safetensors --reward my_rewards:build --extra checkpoint=ckpt/identity-rm
+        --prompt-cache cache/prompts.safetensors --reward my_rewards:build --extra checkpoint ckpt/identity-rm
     torchrun --nnodes 2 --node-rank R --master-addr HOST --nproc-per-node 8 -m idgrpo train-grpo phantom-1.3b ...
 
 Models:
 - toy: `idgrpo.rl.toy.ToyFlowPolicy` on a (4, F_lat, H/8, W/8) latent; decode = channels 0..2 as RGB.
 - tiny: the tiny Wan DiT (random init, seeded) with LoRA; prompt embeddings are hashed stand-ins; toy decode.
-- vace-1.3b: Wan2.1-VACE-1.3B + LoRA; 96-channel VACE context from the references (prepended latent slots);
-  text from the `encode-prompts` cache; the Wan VAE decodes rollouts for the reward.
+- vace-1.3b: Wan2.1-VACE-1.3B + LoRA (fresh, or `init_lora`'s); 96-channel VACE context from the references
+  (first resized as diffusers' pipeline does; prepended latent slots); text from the `encode-prompts` cache; the Wan
+  VAE (`vae_dtype`) decodes rollouts for the reward.
 - phantom-1.3b: Phantom-Wan-1.3B + LoRA; clean reference latents appended in time and re-injected every step;
   three-pass guidance (`guidance` = text scale, `guidance_image`).
 The reward is `config.reward` = "module:function", a factory called as factory(config, device) -> score callable
-(the identity reward model's factory for the 1.3B presets), so `rl` never imports `idgrpo.reward`.
+(the identity reward model's factory for the 1.3B presets), so `rl` never imports `idgrpo.reward`. Evaluation runs
+at `config.eval_size` with its own conditioning. docs/recipe.md relates every setting to the official script.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import math
 from typing import Annotated
 
 import torch
 import tyro
 
 from idgrpo.engine import init_distributed
+from idgrpo.prompts import PromptRow, read_prompts
 from idgrpo.rl.config import PRESETS, GRPOConfig
 from idgrpo.rl.sampler import cfg_conditioning, phantom_conditioning
 from idgrpo.rl.toy import ToyFlowPolicy, prompt_context, toy_conditioning, toy_decode
-from idgrpo.rl.trainer import GRPOTrainer, PromptRow, read_rows
+from idgrpo.rl.trainer import GRPOTrainer
 
 DEMO_PROMPTS = ("a red ball rolls", "two people shake hands", "a cat on a sofa", "waves at sunset")
 
@@ -47,16 +52,104 @@ def load_reward(spec: str, config: GRPOConfig, device: torch.device):
     return factory(config, device)
 
 
+# Note [PIL Lanczos]: diffusers' image processor resizes with PIL's LANCZOS filter, which PIL runs as two separable
+# 8-bit passes (a pass only along an axis whose size changes): per output pixel the Lanczos-3 taps (widened by the
+# downscale factor) are normalised to sum 1, quantised to 22-bit fixed point, and each pass accumulates integers from
+# 2^21, shifts right by 22 and clamps to uint8. The taps below are computed with Python floats (the C library's sin,
+# the C evaluation order), so each pass equals PIL's pixel for pixel. The horizontal pass runs first, as in Pillow
+# 10.4 (the version the Identity-GRPO environment pins) through 12; Pillow 13 may run the vertical pass first, which
+# moves some pixels by a few levels when both sides change.
+_PIL_PRECISION_BITS = 22
+
+
+def _lanczos(x: float) -> float:
+    if not -3.0 <= x < 3.0:
+        return 0.0
+
+    def sinc(v: float) -> float:
+        if v == 0.0:
+            return 1.0
+        v = v * math.pi
+        return math.sin(v) / v
+
+    return sinc(x) * sinc(x / 3)
+
+
+@functools.lru_cache(maxsize=256)
+def _pil_lanczos_taps(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PIL's taps along one axis: source indices and fixed-point weights, both int64 (out_size, taps)."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 3.0 * filterscale
+    ksize = math.ceil(support) * 2 + 1
+    index = torch.zeros(out_size, ksize, dtype=torch.int64)
+    weight = torch.zeros(out_size, ksize, dtype=torch.int64)
+    for out in range(out_size):
+        center = 0.0 + (out + 0.5) * scale
+        first = max(int(center - support + 0.5), 0)
+        count = min(int(center + support + 0.5), in_size) - first
+        taps = [_lanczos(((x + first) - center + 0.5) * (1.0 / filterscale)) for x in range(count)]
+        total = 0.0
+        for tap in taps:
+            total += tap
+        for x, tap in enumerate(taps):
+            tap = tap / total if total != 0.0 else tap
+            scaled = tap * (1 << _PIL_PRECISION_BITS)
+            weight[out, x] = int(scaled - 0.5) if tap < 0 else int(scaled + 0.5)
+            index[out, x] = first + x
+    return index, weight
+
+
+def _pil_lanczos_pass(pixels: torch.Tensor, size: int, axis: int) -> torch.Tensor:
+    """One PIL pass along `axis` (0 rows, 1 columns) of uint8 (H, W, C) to `size`."""
+    index, weight = _pil_lanczos_taps(pixels.shape[axis], size)
+    index, weight = index.to(pixels.device), weight.to(pixels.device)
+    x = pixels.long()
+    shape = (size, 1, 1) if axis == 0 else (1, size, 1)
+    acc = torch.full(x.shape[:axis] + (size,) + x.shape[axis + 1:], 1 << (_PIL_PRECISION_BITS - 1),
+                     dtype=torch.int64, device=pixels.device)
+    for t in range(index.shape[1]):  # integer sums: the order of the taps does not matter
+        acc += x.index_select(axis, index[:, t]) * weight[:, t].reshape(shape)
+    return (acc >> _PIL_PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
+
+
+def pil_lanczos_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 (h, w, C) -> uint8 (height, width, C), equal to Pillow 10.4's `Image.resize((width, height), LANCZOS)`
+    (Note [PIL Lanczos])."""
+    if image.dtype != torch.uint8 or image.ndim != 3:
+        raise ValueError(f"expected a uint8 (h, w, C) image, got {image.dtype} {tuple(image.shape)}")
+    if height < 1 or width < 1:
+        raise ValueError(f"target size must be positive, got {height}x{width}")
+    if image.shape[1] != width:
+        image = _pil_lanczos_pass(image, width, axis=1)
+    if image.shape[0] != height:
+        image = _pil_lanczos_pass(image, height, axis=0)
+    return image
+
+
+def diffusers_reference_image(image: torch.Tensor) -> torch.Tensor:
+    """A reference image as diffusers' WanVACEPipeline first prepares it: resized (PIL Lanczos) to its size rounded
+    down to multiples of 8 (unchanged when it already is), before it is fitted into the video frame."""
+    h, w = image.shape[0] - image.shape[0] % 8, image.shape[1] - image.shape[1] % 8
+    if h < 8 or w < 8:
+        raise ValueError(f"reference image of {image.shape[0]}x{image.shape[1]} pixels is smaller than 8x8")
+    return pil_lanczos_resize(image, h, w)
+
+
 def vace_conditioning_builder(vae, text, config: GRPOConfig, n_ref: int):
     """rows -> Conditioning for Wan-VACE: the 96-channel context from the references (subject-to-video: no source
-    video, all-ones mask; references prepended in time, in diffusers' reversed order unless
-    `config.diffusers_ref_order` is off), text from `text.lookup`, the negative prompt
-    from `text.negative`, the same VACE context in both CFG branches; the n_ref leading latent slots are dropped
-    before decoding. `text` is a `PromptCache` (or anything with `lookup(prompts)` / `negative(batch)`)."""
+    video, all-ones mask; references first resized as diffusers does when `config.diffusers_ref_resize`, prepended
+    in time, in diffusers' reversed order unless `config.diffusers_ref_order` is off), text from `text.lookup`, the
+    negative prompt from `text.negative`, the same VACE context in both CFG branches; the n_ref leading latent slots
+    are dropped before decoding. `text` is a `PromptCache` (or anything with `lookup(prompts)` / `negative(batch)`).
+    The video size is `config.height`, `config.width`, `config.num_frames`."""
     from idgrpo.models.conditioning import vace_context
 
     def build(rows):
-        context = vace_context(vae, [r.references for r in rows], config.num_frames, config.height, config.width,
+        references = [r.references for r in rows]
+        if config.diffusers_ref_resize:
+            references = [[diffusers_reference_image(image) for image in refs] for refs in references]
+        context = vace_context(vae, references, config.num_frames, config.height, config.width,
                                diffusers_ref_order=config.diffusers_ref_order)
         prompts = text.lookup([r.prompt for r in rows])
         return cfg_conditioning({"context": prompts, "vace_context": context.float()},
@@ -85,7 +178,7 @@ def _rows(config: GRPOConfig, path: str | None, *, needs_references: bool) -> li
         if needs_references:
             raise ValueError(f"model {config.model!r} needs --train-csv (ref_paths,prompt) with reference images")
         return [PromptRow(p) for p in DEMO_PROMPTS]
-    return read_rows(path, load_images=needs_references)
+    return read_prompts(path, references="load" if needs_references else "paths")
 
 
 def build_trainer(config: GRPOConfig) -> GRPOTrainer:
@@ -98,11 +191,14 @@ def build_trainer(config: GRPOConfig) -> GRPOTrainer:
     eval_rows = _rows(config, config.test_csv, needs_references=needs_refs) if config.test_csv else (
         train_rows[:2] if not needs_refs else [])
     score = load_reward(config.reward, config, device)
-    lat_frames = (config.num_frames - 1) // 4 + 1
-    h, w = config.height // 8, config.width // 8
+    eval_config = dataclasses.replace(config, height=config.eval_size[0], width=config.eval_size[1],
+                                      num_frames=config.eval_size[2])
+
+    def latent_grid(c: GRPOConfig) -> tuple[int, int, int]:
+        return (c.num_frames - 1) // 4 + 1, c.height // 8, c.width // 8
 
     if config.model == "toy":
-        shape = (4, lat_frames, h, w)
+        shape = (4, *latent_grid(config))
         policy = ToyFlowPolicy(shape, seed=config.seed)
 
         def build(rows):
@@ -111,16 +207,24 @@ def build_trainer(config: GRPOConfig) -> GRPOTrainer:
         return GRPOTrainer(config, policy, score=score, decode=toy_decode, build_conditioning=build,
                            latent_shape=shape, train_rows=train_rows, eval_rows=eval_rows)
 
-    from idgrpo.models.lora import apply_lora, mark_only_lora_trainable
+    from idgrpo.models.lora import apply_lora, load_peft, mark_only_lora_trainable
     from idgrpo.models.wan_dit import WanConfig, WanDiT
+
+    def add_lora(policy) -> None:
+        """LoRA adapters: the `init_lora` directory's (rank, alpha, targets and weights) or fresh gaussian ones."""
+        if config.lora_rank == 0:
+            return
+        if config.init_lora is not None:
+            load_peft(policy, config.init_lora)
+        else:
+            apply_lora(policy, config.lora_rank, config.lora_alpha, init="gaussian")
+        mark_only_lora_trainable(policy)
 
     if config.model == "tiny":
         wan = WanConfig.from_name("tiny")
         policy = WanDiT(wan).init_weights()
-        shape = (wan.in_dim, lat_frames, h, w)
-        if config.lora_rank > 0:
-            apply_lora(policy, config.lora_rank, config.lora_alpha)
-            mark_only_lora_trainable(policy)
+        shape = (wan.in_dim, *latent_grid(config))
+        add_lora(policy)
 
         def text(prompts):
             return torch.stack([prompt_context(p, wan.text_dim) for p in prompts])[:, None].to(device)  # (B, 1, D)
@@ -130,7 +234,8 @@ def build_trainer(config: GRPOConfig) -> GRPOTrainer:
             return cfg_conditioning({"context": context}, {"context": torch.zeros_like(context)}, config.guidance)
 
         return GRPOTrainer(config, policy, score=score, decode=toy_decode, build_conditioning=build,
-                           latent_shape=shape, train_rows=train_rows, eval_rows=eval_rows)
+                           latent_shape=shape, train_rows=train_rows, eval_rows=eval_rows,
+                           eval_latent_shape=(wan.in_dim, *latent_grid(eval_config)))
 
     # The 1.3B models: weights, VAE, prompt cache, references.
     from idgrpo.models.prompt_cache import PromptCache
@@ -142,28 +247,32 @@ def build_trainer(config: GRPOConfig) -> GRPOTrainer:
             raise ValueError(f"model {config.model!r} needs --{name.replace('_', '-')}")
     dtype = torch.float32 if device.type == "cpu" else getattr(torch, config.compute_dtype)
     policy = load_wan_dit(config.weights_dir, config.model, dtype=torch.float32, device=device)
-    if config.lora_rank > 0:
-        apply_lora(policy, config.lora_rank, config.lora_alpha, init="gaussian")
-        mark_only_lora_trainable(policy)
-    vae = WanVAE.from_pretrained(config.vae_path, dtype=dtype, device=device).requires_grad_(False).eval()
+    add_lora(policy)
+    vae_dtype = torch.float32 if device.type == "cpu" else getattr(torch, config.vae_dtype)
+    vae = WanVAE.from_pretrained(config.vae_path, dtype=vae_dtype, device=device).requires_grad_(False).eval()
     cache = PromptCache(config.prompt_cache, device=device, dtype=dtype)
     n_refs = {len(r.references) for r in train_rows + list(eval_rows)}
     if len(n_refs) != 1:
         raise ValueError(f"every row needs the same number of reference images (it sets the latent length), "
                          f"found counts {sorted(n_refs)}")
     n_ref = n_refs.pop()
-    shape = (16, lat_frames + n_ref, h, w)
+
+    def shape_of(c: GRPOConfig) -> tuple[int, int, int, int]:
+        frames, h, w = latent_grid(c)
+        return 16, frames + n_ref, h, w
 
     def decode(latents):
         return vae.decode_frames(latents.to(vae.dtype))
 
-    if config.model == "vace-1.3b":
-        build = vace_conditioning_builder(vae, cache, config, n_ref)
-    else:
-        build = phantom_conditioning_builder(vae, cache, config)
+    def builder(c: GRPOConfig):
+        if config.model == "vace-1.3b":
+            return vace_conditioning_builder(vae, cache, c, n_ref)
+        return phantom_conditioning_builder(vae, cache, c)
 
-    return GRPOTrainer(config, policy, score=score, decode=decode, build_conditioning=build, latent_shape=shape,
-                       train_rows=train_rows, eval_rows=eval_rows, lora=config.lora_rank > 0, compute_dtype=dtype)
+    return GRPOTrainer(config, policy, score=score, decode=decode, build_conditioning=builder(config),
+                       latent_shape=shape_of(config), train_rows=train_rows, eval_rows=eval_rows,
+                       lora=config.lora_rank > 0, compute_dtype=dtype, eval_latent_shape=shape_of(eval_config),
+                       build_eval_conditioning=builder(eval_config))
 
 
 PresetConfig = tyro.extras.subcommand_type_from_defaults(

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import math
 import os
 import struct
@@ -58,19 +57,21 @@ import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from idgrpo.engine import FSDP, Metrics, build_optimizer, clip_grad_norm_, init_distributed
-from idgrpo.engine.checkpoint import Checkpointer, export_lora
+from idgrpo.engine.checkpoint import Checkpointer
 from idgrpo.kernels.backend import ENV_VAR as KERNELS_ENV_VAR
 from idgrpo.kernels.group_advantage import group_advantage
 from idgrpo.kernels.grpo_loss import grpo_loss, grpo_step
-from idgrpo.rl.config import BaselineFlags, GRPOConfig
+from idgrpo.prompts import PromptRow
+from idgrpo.rl.config import EMA_SCHEDULES, BaselineFlags, GRPOConfig
 from idgrpo.rl.sampler import Conditioning, Policy, StepPlan, StepSchedule, guided_velocity, sample
 from idgrpo.rl.schedules import flow_schedule
 
@@ -81,48 +82,6 @@ DecodeFn = Callable[[torch.Tensor], torch.Tensor]
 # ----------------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PromptRow:
-    """One training row: a prompt and its reference images (a group is one row)."""
-
-    prompt: str
-    references: list[torch.Tensor] = field(default_factory=list)
-    """uint8 (h, w, 3) reference images."""
-    ref_paths: list[str] = field(default_factory=list)
-
-
-def read_rows(csv_path: str | Path, *, load_images: bool = True) -> list[PromptRow]:
-    """Rows of a CSV in the reference format: columns `ref_paths,prompt`, reference paths separated by `;`
-    (relative paths are relative to the CSV's folder)."""
-    path = Path(csv_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: prompt CSV not found")
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "prompt" not in reader.fieldnames:
-            raise ValueError(f"{path}: expected a `prompt` column (and `ref_paths`), got {reader.fieldnames}")
-        records = list(reader)
-    rows = []
-    for i, rec in enumerate(records, start=2):
-        prompt = (rec.get("prompt") or "").strip()
-        if not prompt:
-            raise ValueError(f"{path}:{i}: empty `prompt`")
-        refs = [p.strip() for p in (rec.get("ref_paths") or "").split(";") if p.strip()]
-        refs = [str(p if Path(p).is_absolute() else path.parent / p) for p in refs]
-        images = []
-        if load_images:
-            from idgrpo.media import read_image
-
-            for p in refs:
-                if not Path(p).is_file():
-                    raise FileNotFoundError(f"{path}:{i}: reference image {p} not found (column `ref_paths`)")
-                images.append(read_image(p))
-        rows.append(PromptRow(prompt, images, refs))
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
 
 
 @dataclass(frozen=True)
@@ -182,20 +141,37 @@ def assign_epoch(num_rows: int, prompts_per_epoch: int, group_size: int, *, epoc
 
 
 class EMA:
-    """Exponential moving average of parameters, updated every `every` optimizer steps with the Flow-GRPO warm-up
-    decay min(decay, (1 + s) / (10 + s)) at optimizer step s (0-based)."""
+    """Exponential moving average of parameters with the Flow-GRPO warm-up decay min(decay, (1 + g) / (10 + g)).
 
-    def __init__(self, params: Sequence[torch.Tensor], decay: float, every: int):
+    `step(s)` follows optimizer step s (0-based). Schedules (`GRPOConfig.ema_schedule`, docs/recipe.md):
+    - "interval": one update after steps every-1, 2·every-1, ... (every `every`-th step), with g = s;
+    - "identity_grpo": the official script, whose EMA runs after every micro-batch with its count of optimizer steps
+      taken, updating when count + 1 is a multiple of `every`: `repeats` updates (one per micro-batch of a step)
+      after steps every-2, 2·every-2, ..., with g = s + 1 (the count)."""
+
+    def __init__(self, params: Sequence[torch.Tensor], decay: float, every: int, *, schedule: str = "interval",
+                 repeats: int = 1):
+        if schedule not in EMA_SCHEDULES:
+            raise ValueError(f"EMA schedule {schedule!r}: expected one of {EMA_SCHEDULES}")
         self.params = list(params)
-        self.decay, self.every = decay, every
+        self.decay, self.every, self.schedule, self.repeats = decay, every, schedule, repeats
         self.shadow = [p.detach().float().clone() for p in self.params]
+
+    def decay_after(self, optimizer_step: int) -> float | None:
+        """The decay the update after optimizer step `optimizer_step` uses, or None when no update is due."""
+        count = optimizer_step + 1 if self.schedule == "identity_grpo" else optimizer_step
+        if (count + 1) % self.every:
+            return None
+        return min(self.decay, (1 + count) / (10 + count))
 
     @torch.no_grad()
     def step(self, optimizer_step: int) -> None:
-        if (optimizer_step + 1) % self.every:
+        decay = self.decay_after(optimizer_step)
+        if decay is None:
             return
-        decay = min(self.decay, (1 + optimizer_step) / (10 + optimizer_step))
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - decay)
+        current = [p.detach().float() for p in self.params]
+        for _ in range(self.repeats):
+            torch._foreach_lerp_(self.shadow, current, 1.0 - decay)
 
     @contextlib.contextmanager
     def swapped(self):
@@ -373,12 +349,16 @@ class GRPOTrainer:
                  build_conditioning: Callable[[list[PromptRow]], Conditioning], latent_shape: Sequence[int],
                  train_rows: Sequence[PromptRow], eval_rows: Sequence[PromptRow] = (),
                  reference: Policy | None = None, lora: bool | None = None, compute_dtype: torch.dtype | None = None,
-                 run_dir: str | Path | None = None, log: Callable[[str], None] | None = None):
+                 run_dir: str | Path | None = None, log: Callable[[str], None] | None = None,
+                 eval_latent_shape: Sequence[int] | None = None,
+                 build_eval_conditioning: Callable[[list[PromptRow]], Conditioning] | None = None):
         """
         policy: a module (wrapped in the engine's FSDP here unless it already is) whose trainable parameters are the
             ones with requires_grad (LoRA adapters, or everything for full fine-tuning).
         build_conditioning: rows (one per sample) -> the batch's `Conditioning` (guidance branches).
         latent_shape: (C, F, H, W) of one sample's latent, reference slots included.
+        eval_latent_shape, build_eval_conditioning: the same for evaluation, when it runs at another video size
+            (`config.eval_size`); default: the training ones.
         reference: the KL reference policy; default: the policy with its adapters disabled (config.reference
             "lora": `policy.adapters_disabled()` or `idgrpo.models.lora.disable_lora`) or a frozen copy ("copy").
         lora: whether the trainable weights are LoRA adapters (kept replicated by FSDP); default: detected.
@@ -410,10 +390,13 @@ class GRPOTrainer:
         self.params = policy.trainable_parameters()
         self.optimizer = build_optimizer(self.params, lr=config.lr, betas=tuple(config.betas),
                                          weight_decay=config.weight_decay, eps=config.adam_eps)
-        self.ema = EMA(self.params, config.ema_decay, config.ema_every) if config.ema_decay > 0 else None
+        self.ema = EMA(self.params, config.ema_decay, config.ema_every, schedule=config.ema_schedule,
+                       repeats=config.ema_repeats) if config.ema_decay > 0 else None
         self.score, self.decode = score, decode
         self.build_conditioning = build_conditioning
         self.latent_shape = tuple(latent_shape)
+        self.eval_latent_shape = tuple(eval_latent_shape or latent_shape)
+        self.build_eval_conditioning = build_eval_conditioning or build_conditioning
         self.train_rows, self.eval_rows = list(train_rows), list(eval_rows)
         if not self.train_rows:
             raise ValueError("no training rows")
@@ -677,7 +660,8 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> float:
-        """Mean reward over the evaluation rows with fixed noise and the ODE solver; writes sample videos."""
+        """Mean reward over the evaluation rows with fixed noise and the ODE solver (`eval_solver`, `eval_steps`)
+        at the evaluation size (`eval_latent_shape`); writes sample videos."""
         cfg = self.cfg
         rows = self.eval_rows
         per_rank = math.ceil(len(rows) / self.world_size)
@@ -689,9 +673,9 @@ class GRPOTrainer:
             for start in range(0, len(mine), cfg.rollout_batch_size):
                 ids = mine[start:start + cfg.rollout_batch_size]
                 batch_rows = [rows[i] for i in ids]
-                cond = self.build_conditioning(batch_rows)
+                cond = self.build_eval_conditioning(batch_rows)
                 seeds = [10_000_019 + i for i in ids]  # fixed noise: the same per row at every evaluation
-                roll = sample(self.policy, cond, self.eval_schedule, seeds, self.latent_shape,
+                roll = sample(self.policy, cond, self.eval_schedule, seeds, self.eval_latent_shape,
                               solver=cfg.eval_solver, device=self.device)
                 frames = self.decode(cond.video_latents(roll.final))
                 try:
@@ -755,11 +739,11 @@ class GRPOTrainer:
 
     def save(self) -> None:
         """Checkpoint (the engine's crash-safe sharded format: trainable weights, optimizer, counters, history) and
-        exports: the EMA weights (a second checkpoint, `ema.safetensors`), LoRA adapters in the PEFT format (policy
-        and EMA), the reward curve. A collective: every rank calls it."""
+        exports: the EMA weights (a second checkpoint, `ema.safetensors`), the LoRA adapters in PEFT's and diffusers'
+        formats (`lora/`, `lora_diffusers/`; the EMA's in `lora_ema/`, `lora_ema_diffusers/`; docs/lora.md), the reward
+        curve. A collective: every rank calls it."""
         extra = {"epoch": self.epoch, "optimizer_steps": self.optimizer_steps, "history": self.history,
                  "reward_failures_total": self.reward_failures_total}
-        adapter_config = self._adapter_config()
         if self.ema is not None:  # saved first: the main checkpoint is what makes a step complete
             with self.ema.swapped():
                 self.ema_checkpointer.save(self.epoch, self.policy, None, {"epoch": self.epoch})
@@ -768,24 +752,24 @@ class GRPOTrainer:
                     from safetensors.torch import save_file
 
                     save_file({k: v.contiguous() for k, v in state.items()}, str(self.run_dir / "ema.safetensors"))
-                if adapter_config is not None:
-                    export_lora(self.policy, self.run_dir / "lora_ema", adapter_config=adapter_config)
+                self._export_lora("lora_ema", state)
         self.checkpointer.save(self.epoch, self.policy, self.optimizer, extra)
-        if adapter_config is not None:
-            export_lora(self.policy, self.run_dir / "lora", adapter_config=adapter_config)
+        self._export_lora("lora")
         if self.rank == 0:
             write_curve_png(self.run_dir / "reward_curve.png", self.history)
 
-    def _adapter_config(self) -> dict | None:
-        """PEFT adapter_config fields of the policy's LoRA adapters (None without LoRA)."""
-        from idgrpo.models.lora import lora_modules
+    def _export_lora(self, name: str, state: dict[str, torch.Tensor] | None = None) -> None:
+        """The policy's LoRA adapters as `<name>/` (PEFT) and `<name>_diffusers/` (diffusers), written by rank 0 from
+        `state` (the gathered trainable weights; gathered here when None: then a collective). Nothing without LoRA."""
+        from idgrpo.models.lora import lora_modules, save_diffusers_lora, save_peft
 
-        adapters = list(lora_modules(self.policy.module))
-        if not adapters:
-            return None
-        m = adapters[0][1]
-        return {"r": m.rank, "lora_alpha": m.alpha, "target_modules": sorted({n.split(".")[-1] if not n.endswith(
-            "to_out.0") else "to_out.0" for n, _ in adapters}), "use_rslora": getattr(m, "use_rslora", False)}
+        module = self.policy.module
+        if not any(True for _ in lora_modules(module)):
+            return
+        state = self.policy.full_state_dict(trainable_only=True) if state is None else state
+        if self.rank == 0:
+            save_peft(module, self.run_dir / name, tensors=state)
+            save_diffusers_lora(module, self.run_dir / f"{name}_diffusers", tensors=state)
 
     def load(self) -> bool:
         """Resume from the newest complete checkpoint in run_dir (any world size); returns whether it did."""
@@ -809,6 +793,33 @@ class GRPOTrainer:
         self.reward_failures_total = extra.get("reward_failures_total", 0)
         self.log(f"[train-grpo] resumed from {path} (epoch {step})")
         return True
+
+
+def export_run_lora(run_dir: Path, /, *, out: Path, format: Literal["peft", "diffusers"] = "diffusers",
+                    ema: bool = False) -> int:
+    """Write the LoRA adapters of a GRPO run directory in PEFT's or diffusers' format (docs/lora.md).
+
+    idgrpo export-lora runs/vace --format diffusers --out wan_lora     # WanVACEPipeline.load_lora_weights("wan_lora")
+    idgrpo export-lora runs/vace --format peft --ema --out peft_lora   # PeftModel.from_pretrained(model, "peft_lora")
+
+    Reads RUN_DIR/lora (RUN_DIR/lora_ema with --ema), the PEFT export `GRPOTrainer.save` writes, older runs' too.
+
+    Args:
+        run_dir: The GRPO run directory (train-grpo's --run-dir).
+        out: Directory to write (created when missing).
+        format: "peft" (adapter_model.safetensors + adapter_config.json) or "diffusers"
+            (pytorch_lora_weights.safetensors).
+        ema: Export the EMA adapters instead of the trained ones.
+    """
+    from idgrpo.models.lora import ADAPTER_WEIGHTS, convert_peft_lora
+
+    source = Path(run_dir) / ("lora_ema" if ema else "lora")
+    if not (source / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{source / ADAPTER_WEIGHTS}: missing; {run_dir} is not a GRPO run directory with "
+                                f"{'EMA ' if ema else ''}LoRA adapters saved")
+    written = convert_peft_lora(source, out, format=format)
+    print(f"[export-lora] {source} -> {written}")
+    return 0
 
 
 def _adapters_disabled_policy(policy: nn.Module) -> Policy:
