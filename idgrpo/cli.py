@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return
-    name, rest = argv[0], argv[1:]
+    name, rest = argv[0], split_key_value_pairs(argv[1:])
     if name not in COMMANDS:
         print(f"idgrpo: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         raise SystemExit(2)
@@ -76,6 +76,38 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     if isinstance(result, int) and result != 0:
         raise SystemExit(result)
+
+
+KEY_VALUE_FLAGS = ("--extra",)
+"""Dict-valued flags. tyro reads them as `KEY VALUE` pairs; `KEY=VALUE` is accepted too."""
+
+
+def split_key_value_pairs(args: list[str]) -> list[str]:
+    """`--extra reward_checkpoint=DIR k v` -> `--extra reward_checkpoint DIR k v`: both spellings work. Only the
+    values of a dict-valued flag are split, at their first `=`, and only when the part before it is a plain key
+    (a value such as a path with `=` in it, given after its key, stays whole)."""
+    out, in_pairs, expect_value = [], False, False
+    for arg in args:
+        if arg.startswith("--"):
+            flag = arg.split("=", 1)[0]
+            in_pairs, expect_value = flag in KEY_VALUE_FLAGS, False
+            if in_pairs and "=" in arg:  # --extra=k=v
+                arg, first = arg.split("=", 1)
+                out.append(arg)
+                arg = first
+            else:
+                out.append(arg)
+                continue
+        if in_pairs and not expect_value:
+            key, sep, value = arg.partition("=")
+            if sep and key.isidentifier():
+                out += [key, value]
+                continue
+            expect_value = True
+        elif in_pairs:
+            expect_value = False
+        out.append(arg)
+    return out
 
 
 @contextlib.contextmanager

@@ -287,3 +287,21 @@ def test_collective_timeout_flag_then_environment_then_default(monkeypatch):
             collective_timeout_s()
     with pytest.raises(UsageError, match="--collective-timeout"):
         collective_timeout_s(0.0)
+
+
+def test_extra_accepts_key_equals_value_and_key_value_pairs():
+    from idgrpo.cli import split_key_value_pairs
+
+    assert split_key_value_pairs(["tiny", "--extra", "reward_checkpoint=DIR", "k", "v=w", "x=y", "--epochs", "3"]) == [
+        "tiny", "--extra", "reward_checkpoint", "DIR", "k", "v=w", "x", "y", "--epochs", "3"]
+    assert split_key_value_pairs(["--extra=a=b", "--run-dir", "x=y"]) == ["--extra", "a", "b", "--run-dir", "x=y"]
+
+
+def test_extra_key_equals_value_reaches_the_reward_factory(tmp_path, capsys):
+    # the spelling every doc shows: the factory must see the checkpoint path (missing here -> a one-line error)
+    missing = tmp_path / "no_such_reward"
+    with pytest.raises(SystemExit) as e:
+        main(["train-grpo", "tiny", "--run-dir", str(tmp_path / "run"), "--reward", "idgrpo.reward.factories:compact",
+              "--extra", f"reward_checkpoint={missing}"])
+    assert e.value.code == 2
+    assert str(missing) in capsys.readouterr().err
