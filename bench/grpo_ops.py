@@ -1,5 +1,5 @@
-"""GRPO ops: the SDE step with its log-prob, the GRPO loss (forward, and forward+backward to the
-velocity), and group advantages.
+"""GRPO ops: the SDE step with its log-prob, the GRPO loss and the DiffusionNFT loss (forward, and
+forward+backward to the velocity), and group advantages.
 
 Latents are Wan-1.3B's 16x21x60x104 (81x480x832) and Identity-GRPO's 16x9x30x52 (33x240x416),
 batch = one group of 8, fp32 as the sampler keeps them
@@ -28,6 +28,7 @@ from bench.common import report, time_fn  # noqa: E402
 from idgrpo.kernels.backend import interpreting  # noqa: E402
 from idgrpo.kernels.group_advantage import group_advantage  # noqa: E402
 from idgrpo.kernels.grpo_loss import grpo_loss, grpo_step, sde_noise_std  # noqa: E402
+from idgrpo.kernels.nft_loss import nft_loss  # noqa: E402
 
 
 def _copy_bandwidth(like: torch.Tensor, warmup: int, iters: int) -> float:
@@ -54,6 +55,14 @@ def _latent_cases(shape, device):
     ref_mean = mean + 0.01 * rand(*shape)
     advantages = rand(B)
     v_new = (v + 0.01 * rand(*shape)).requires_grad_()
+    # DiffusionNFT: clean latents noised at σ, velocities near noise − x0 (docs/objectives.md)
+    x0 = rand(*shape)
+    s = sigma.view(-1, *[1] * (len(shape) - 1))
+    x_t = (1 - s) * x0 + s * noise
+    v_old = noise - x0 + 0.1 * rand(*shape)
+    v_ref = v_old + 0.01 * rand(*shape)
+    v_nft = (v_old + 0.01 * rand(*shape)).requires_grad_()
+    nft_kwargs = dict(beta=0.1, adv_clip_max=5.0, kl_beta=1e-4)
 
     def step(bk):
         return grpo_step(x, v, sigma, sigma_next, std, noise, backend=bk)[1]
@@ -68,10 +77,20 @@ def _latent_cases(shape, device):
                             backend=bk)
         return torch.autograd.grad(loss, v_new)[0]
 
+    def nft_fwd(bk):
+        with torch.no_grad():
+            return nft_loss(v_nft, v_old, v_ref, x_t, x0, sigma, advantages, backend=bk, **nft_kwargs)
+
+    def nft_fwd_bwd(bk):
+        loss = nft_loss(v_nft, v_old, v_ref, x_t, x0, sigma, advantages, backend=bk, **nft_kwargs)
+        return torch.autograd.grad(loss, v_nft)[0]
+
     return x, {
         "grpo_step": (step, 5),  # reads x, v, noise; writes x_next, mean
         "grpo_loss fwd": (loss_fwd, 4),  # reads x, x_next, v, ref_mean
         "grpo_loss fwd+bwd": (loss_fwd_bwd, 9),  # fwd 4 reads; bwd 4 reads + grad_v write
+        "nft_loss fwd": (nft_fwd, 5),  # reads v_new, v_old, v_ref, x_t, x0
+        "nft_loss fwd+bwd": (nft_fwd_bwd, 11),  # fwd 5 reads; bwd 5 reads + grad_v write
     }
 
 
