@@ -18,6 +18,9 @@ run in fp32, as the original does under autocast. Matmuls run in the parameters'
 
 The FSDP units are the entries of `model.blocks` and `model.vace_blocks`; their forwards take only
 tensors, so per-block activation checkpointing wraps them as they are.
+
+`model.set_sequence_parallel(layout.sp)` splits the token sequence over a group of ranks (Ulysses; the same
+full inputs and outputs on every rank of the group): docs/sequence-parallel.md.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -34,6 +38,9 @@ from idgrpo.kernels.attention import attention
 from idgrpo.kernels.norm import gated_residual, layer_norm, layer_norm_modulate, rms_norm
 from idgrpo.kernels.rope import apply_rope, wan_rope_table
 from idgrpo.models.lora import LoRALinear
+
+if TYPE_CHECKING:
+    from idgrpo.engine.sequence_parallel import SequenceParallel
 
 ATTENTION_IMPLS = ("idgrpo", "sdpa")
 REFERENCE_MODES = ("none", "vace", "phantom")
@@ -160,16 +167,27 @@ class AffineLayerNorm(nn.Module):
         return layer_norm(x, self.weight, self.bias, self.eps)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str) -> torch.Tensor:
-    """Softmax attention, scale 1/sqrt(D), no mask. q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D)."""
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str,
+            k_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention, scale 1/sqrt(D). q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D);
+    keys at and beyond k_lens (B,) (when given) are masked."""
     if impl == "sdpa":
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        mask = None
+        if k_lens is not None:
+            keys = torch.arange(k.shape[1], device=k.device)
+            mask = (keys[None, :] < k_lens.to(k.device)[:, None])[:, None, None, :]  # (B, 1, 1, Lk)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask)
         return out.transpose(1, 2)
-    return attention(q, k, v)
+    return attention(q, k, v, k_lens=k_lens)
 
 
 class WanAttention(nn.Module):
-    """Self- or cross-attention: q/k/v/o with bias, full-width RMSNorm on q and k, RoPE on self-attention."""
+    """Self- or cross-attention: q/k/v/o with bias, full-width RMSNorm on q and k, RoPE on self-attention.
+
+    With `sequence_parallel` set (self-attention only, by `WanDiT.set_sequence_parallel`), x holds this rank's
+    chunk of the tokens and the rope tables that chunk's rows; all-to-alls around the kernel give it every
+    token of H / size heads (docs/sequence-parallel.md)."""
 
     def __init__(self, dim: int, num_heads: int, eps: float, attention_impl: str = "idgrpo"):
         super().__init__()
@@ -181,9 +199,11 @@ class WanAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # index 0: diffusers' `to_out.0`
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
+        self.sequence_parallel: SequenceParallel | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                k_lens: torch.Tensor | None = None) -> torch.Tensor:
         B, L, C = x.shape  # (B, L, C)
         source = x if context is None else context  # (B, Lk, C)
         heads = (self.num_heads, C // self.num_heads)
@@ -193,7 +213,12 @@ class WanAttention(nn.Module):
         if rope is not None:
             q = apply_rope(q, *rope)
             k = apply_rope(k, *rope)
-        out = _attend(q, k, v, self.attention_impl)  # (B, L, H, D)
+        sp = self.sequence_parallel
+        if sp is not None:
+            q, k, v = (sp.sequence_to_heads(t) for t in (q, k, v))  # (B, L * size, H / size, D)
+        out = _attend(q, k, v, self.attention_impl, k_lens)
+        if sp is not None:
+            out = sp.heads_to_sequence(out)  # (B, L, H, D)
         return self.to_out[0](out.reshape(B, L, C))
 
 
@@ -232,13 +257,14 @@ class WanBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope_cos: torch.Tensor,
-                rope_sin: torch.Tensor) -> torch.Tensor:
-        """x (B, L, C) fp32 residual stream; e0 (B, 6, C) fp32; context (B, Lc, C) embedded text."""
+                rope_sin: torch.Tensor, k_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, C) fp32 residual stream; e0 (B, 6, C) fp32; context (B, Lc, C) embedded text;
+        k_lens (B,) self-attention keys at and beyond it are padding (sequence parallelism)."""
         dtype = self.attn1.to_q.weight.dtype  # matmul dtype; everything around it stays fp32
         modulation = self.scale_shift_table.float() + e0  # (B, 6, C)
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = modulation.unbind(1)  # (B, C) each
         h = layer_norm_modulate(x, shift_msa, scale_msa, self.eps, out_dtype=dtype)
-        x = gated_residual(x, self.attn1(h, rope=(rope_cos, rope_sin)), gate_msa)
+        x = gated_residual(x, self.attn1(h, rope=(rope_cos, rope_sin), k_lens=k_lens), gate_msa)
         h = self.norm2(x).to(dtype)
         x = x + self.attn2(h, context.to(dtype)).to(x.dtype)  # no gate, no modulation
         h = layer_norm_modulate(x, shift_ffn, scale_ffn, self.eps, out_dtype=dtype)
@@ -255,11 +281,12 @@ class VaceBlock(WanBlock):
         self.proj_out = nn.Linear(config.dim, config.dim)
 
     def forward(self, c: torch.Tensor, x0: torch.Tensor, e0: torch.Tensor, context: torch.Tensor,
-                rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                k_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """c (B, L, C) context stream; x0 (B, L, C) patch-embedded video tokens -> (next c, hint)."""
         if self.proj_in is not None:
             c = self.proj_in(c.to(self.proj_in.weight.dtype)).float() + x0
-        c = super().forward(c, e0, context, rope_cos, rope_sin)
+        c = super().forward(c, e0, context, rope_cos, rope_sin, k_lens)
         return c, self.proj_out(c.to(self.proj_out.weight.dtype))
 
 
@@ -340,6 +367,7 @@ class WanDiT(nn.Module):
         # main block index -> hint index
         self._hint_of_layer = {layer: j for j, layer in enumerate(config.vace_layers)}
         self._rope_cache: dict = {}
+        self.sequence_parallel: SequenceParallel | None = None
 
     # -- knobs ---------------------------------------------------------------
 
@@ -351,6 +379,19 @@ class WanDiT(nn.Module):
         for module in self.modules():
             if isinstance(module, WanAttention):
                 module.attention_impl = impl
+
+    def set_sequence_parallel(self, sp: SequenceParallel | None) -> None:
+        """Split the token sequence over the ranks of `sp` from now on (Ulysses, docs/sequence-parallel.md):
+        every rank of the group passes the same full inputs and gets the full velocity back. None, or a group
+        of one rank, restores the plain single-rank path."""
+        if sp is not None and sp.size == 1:
+            sp = None
+        if sp is not None and self.config.num_heads % sp.size:
+            raise ValueError(f"sequence parallelism over {sp.size} ranks needs num_heads={self.config.num_heads} "
+                             f"to be a multiple of {sp.size}: each rank attends with num_heads / {sp.size} heads")
+        self.sequence_parallel = sp
+        for block in self.units:
+            block.attn1.sequence_parallel = sp  # cross-attention (attn2) stays local
 
     @property
     def units(self) -> list[nn.Module]:
@@ -418,16 +459,21 @@ class WanDiT(nn.Module):
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
         return x.reshape(B, -1, f * pt, h * ph, w * pw)
 
-    def vace_hints(self, x0: torch.Tensor, vace_context: torch.Tensor, e0: torch.Tensor, context: torch.Tensor,
-                   rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> list[torch.Tensor]:
-        """All hints, computed from the patch-embedded video x0 before any main block (pitfall 11)."""
+    def vace_tokens(self, vace_context: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """vace_context (B, vace_in_dim, F, H, W) -> fp32 tokens (B, num_tokens, C), the latents' token count."""
         c, _ = self.patchify(vace_context, self.vace_patch_embedding)  # (B, Lc, C)
-        if c.shape[1] > x0.shape[1]:
-            raise ValueError(f"vace_context has {c.shape[1]} tokens, the latents {x0.shape[1]}")
-        c = F.pad(c, (0, 0, 0, x0.shape[1] - c.shape[1]))  # a shorter context is zero-padded, as diffusers
+        if c.shape[1] > num_tokens:
+            raise ValueError(f"vace_context has {c.shape[1]} tokens, the latents {num_tokens}")
+        return F.pad(c, (0, 0, 0, num_tokens - c.shape[1]))  # a shorter context is zero-padded, as diffusers
+
+    def vace_hints(self, x0: torch.Tensor, c: torch.Tensor, e0: torch.Tensor, context: torch.Tensor,
+                   rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                   k_lens: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """All hints from the VACE context tokens c (`vace_tokens`) and the patch-embedded video x0, computed
+        before any main block (pitfall 11)."""
         hints = []
         for block in self.vace_blocks:
-            c, hint = block(c, x0, e0, context, rope_cos, rope_sin)
+            c, hint = block(c, x0, e0, context, rope_cos, rope_sin, k_lens)
             hints.append(hint)
         return hints
 
@@ -449,17 +495,27 @@ class WanDiT(nn.Module):
         if timestep.dim() == 0:
             timestep = timestep.expand(B)
         x, grid = self.patchify(latents, self.patch_embedding)  # (B, L, C) fp32
+        num_tokens = x.shape[1]
         rope_cos, rope_sin = self.rope_table(grid, latents.device)  # (L, D/2)
         e, e0 = self.condition_embedder.embed_time(timestep)  # (B, C), (B, 6, C)
         context = self.condition_embedder.embed_text(self.pad_text(context, context_lens))  # (B, text_len, C)
-
-        hints = None
+        c = None
         if vace_context is not None:
             if not self.config.vace_layers:
                 raise ValueError("vace_context given to a model without vace_layers")
-            hints = self.vace_hints(x, vace_context, e0, context, rope_cos, rope_sin)
+            c = self.vace_tokens(vace_context, num_tokens)
+
+        # Sequence parallelism: from here to the head this rank holds its chunk of the (padded) tokens.
+        sp, k_lens = self.sequence_parallel, None
+        if sp is not None:
+            x, rope_cos, rope_sin = sp.shard(x, 1), sp.shard(rope_cos, 0), sp.shard(rope_sin, 0)
+            c = None if c is None else sp.shard(c, 1)
+            if sp.padded_length(num_tokens) != num_tokens:
+                k_lens = torch.full((B,), num_tokens, dtype=torch.int32, device=x.device)
+
+        hints = None if c is None else self.vace_hints(x, c, e0, context, rope_cos, rope_sin, k_lens)
         for i, block in enumerate(self.blocks):
-            x = block(x, e0, context, rope_cos, rope_sin)
+            x = block(x, e0, context, rope_cos, rope_sin, k_lens)
             if hints is not None and i in self._hint_of_layer:
                 j = self._hint_of_layer[i]
                 scale = vace_scale[j] if isinstance(vace_scale, torch.Tensor) and vace_scale.dim() else vace_scale
@@ -468,6 +524,8 @@ class WanDiT(nn.Module):
         shift, scale = (self.scale_shift_table.float() + e.unsqueeze(1)).unbind(1)  # head uses e, not e0
         h = layer_norm_modulate(x, shift, scale, self.config.eps, out_dtype=torch.float32)
         out = _linear_fp32(h, self.proj_out)  # (B, L, prod(patch) * out_dim)
+        if sp is not None:
+            out = sp.gather(out, num_tokens, dim=1)
         return self.unpatchify(out, grid)
 
     def cfg_forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
