@@ -9,10 +9,18 @@ Usage:
             logged = metrics.flush(step)        # the one host read per interval
     path.write_text(strict_json(summary))       # any other JSON a user reads
 
+    metrics = Metrics("runs/exp1", rank=info.rank, truncate_after=resumed_step)  # Note [one record per step]
+
 Note [strict JSON]: JSON (RFC 8259) has no NaN or Infinity; Python's `json.dumps` writes them as bare `NaN` /
 `Infinity`, which strict readers (JavaScript's `JSON.parse`, Go's `encoding/json`, Rust's `serde_json`) reject.
 Every log and summary is written by `strict_json`: a non-finite float becomes `null` and its key is listed under
 `"nonfinite"` in the record, so it is neither hidden nor a parse error (docs/reliability.md).
+
+Note [one record per step]: a run stopped (killed, out of time) after its last checkpoint has logged steps that the
+checkpoint does not hold, and the resumed run logs them again. So a resumed run opens its logs with
+`truncate_after=<the checkpoint's step>`:
+records of later steps, and a last line cut short by the stop, are dropped first (`truncate_jsonl`; TensorBoard's
+`purge_step` does the same for its events), and every log holds each step once.
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from idgrpo.engine.checkpoint import write_atomic
+from idgrpo.engine.faults import fault_point
+
 
 class Metrics:
     """Accumulates named values on device; `flush` reads them once per logging interval.
@@ -33,10 +44,11 @@ class Metrics:
     A value may be a float or a tensor of any shape (its mean is taken). A metric's logged
     value is the mean of everything added since the last flush. With `all_reduce=True` the
     means are averaged over ranks (a collective: every rank must flush with the same names).
+    `truncate_after`: when resuming, the step of the checkpoint resumed from (Note [one record per step]).
     """
 
     def __init__(self, log_dir: str | Path | None = None, *, rank: int = 0, all_reduce: bool = False,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, truncate_after: int | None = None):
         self.rank = rank
         self.all_reduce = all_reduce
         self._sums: dict[str, torch.Tensor] = {}
@@ -47,12 +59,15 @@ class Metrics:
         self._tb = None
         if self.log_dir is not None and rank == 0:
             self.log_dir.mkdir(parents=True, exist_ok=True)
+            if truncate_after is not None:
+                truncate_jsonl(self.log_dir / "metrics.jsonl", truncate_after)
             self._jsonl = open(self.log_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
 
-                    self._tb = SummaryWriter(str(self.log_dir / "tb"))
+                    purge = None if truncate_after is None else truncate_after + 1
+                    self._tb = SummaryWriter(str(self.log_dir / "tb"), purge_step=purge)
                 except ImportError:  # tensorboard not installed: JSON lines only
                     self._tb = None
 
@@ -81,14 +96,21 @@ class Metrics:
             out = dict(zip(names, means.tolist()))
         self._sums.clear()
         self._counts.clear()
+        record = {"step": step, "time_s": round(time.perf_counter() - self._t0, 3), **out}
+        line = strict_json(record) + "\n"
+        fault_point("metrics.flush", torn=(lambda: self._write_torn(line)) if self._jsonl is not None else None)
         if self.rank == 0:
-            record = {"step": step, "time_s": round(time.perf_counter() - self._t0, 3), **out}
             if self._jsonl is not None:
-                self._jsonl.write(strict_json(record) + "\n")
+                self._jsonl.write(line)
             if self._tb is not None:
                 for k, v in out.items():
                     self._tb.add_scalar(k, v, step)
         return out
+
+    def _write_torn(self, line: str) -> None:
+        """What a stop in the middle of a record leaves (fault injection, idgrpo.engine.faults)."""
+        self._jsonl.write(line[:len(line) // 2])
+        self._jsonl.flush()
 
     def close(self) -> None:
         if self._jsonl is not None:
@@ -124,6 +146,28 @@ def strict_json(record: dict, **dumps_kwargs) -> str:
     if replaced:
         cleaned["nonfinite"] = replaced
     return json.dumps(cleaned, allow_nan=False, **dumps_kwargs)
+
+
+def truncate_jsonl(path: str | Path, last_step: int) -> int:
+    """Drop the records of JSON-lines log `path` whose "step" is above `last_step`, and lines cut short (Note [one
+    record per step]); the file is rewritten atomically, and left alone when there is nothing to drop. Returns the
+    number of lines dropped (0 when the file does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        step = record.get("step", last_step) if isinstance(record, dict) else None
+        if line.endswith("\n") and isinstance(step, (int, float)) and step <= last_step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        write_atomic(path, "".join(kept))
+    return len(lines) - len(kept)
 
 
 def progress(iterable: Iterable | None = None, *, rank: int = 0, total: int | None = None, desc: str | None = None,

@@ -23,7 +23,8 @@ The file handling here serves every loader (this DiT, `WanVAE.from_pretrained`,
 model's own folder or a diffusers pipeline root; `WeightFiles` reads safetensors (sharded or not) and
 weights-only pickles lazily; `default_dtype` is the one rule for `dtype=None`; and every unreadable file
 (empty or truncated safetensors, invalid config.json or index, a pickle that is not plain tensors)
-raises `CheckpointError` naming it.
+raises `CheckpointError` naming it, as does a tensor holding a NaN/Inf (`refuse_nonfinite`, which
+loaders that read files themselves call too).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from typing import TypeVar
 import torch
 import torch.nn as nn
 
+from idgrpo.engine.optim import NonFiniteError, nonfinite_summary
 from idgrpo.models.wan_dit import WanConfig, WanDiT
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -296,6 +298,16 @@ def default_dtype(dtypes) -> torch.dtype:
     return floats.pop() if len(floats) == 1 and next(iter(floats)) in _DEFAULT_DTYPES else torch.float32
 
 
+def refuse_nonfinite(file: str | Path, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` as it is, or a CheckpointError naming `file` and `key` when it holds a NaN/Inf: a model whose
+    weights diverged is refused where it is loaded, not found out by the NaN outputs it gives later."""
+    problem = nonfinite_summary(tensor)
+    if problem:
+        raise CheckpointError(f"{file}: tensor {key!r} holds non-finite values ({problem}); weights with NaN/Inf are "
+                              "not loaded")
+    return tensor
+
+
 @contextlib.contextmanager
 def _open_safetensors(file: Path):
     from safetensors import SafetensorError, safe_open
@@ -393,9 +405,9 @@ class WeightFiles(Mapping):
             return default
         file, raw = self._where[key]
         if file in self._pth:
-            return self._pth[file][raw]
+            return refuse_nonfinite(file, raw, self._pth[file][raw])
         with _open_safetensors(file) as f:
-            return f.get_tensor(raw)
+            return refuse_nonfinite(file, raw, f.get_tensor(raw))
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) one at a time, each file opened once."""
@@ -405,11 +417,13 @@ class WeightFiles(Mapping):
         for file, names in by_file.items():
             if file in self._pth:
                 for name in names:
-                    yield name, self._pth[file][self._where[name][1]]
+                    raw = self._where[name][1]
+                    yield name, refuse_nonfinite(file, raw, self._pth[file][raw])
                 continue
             with _open_safetensors(file) as f:
                 for name in names:
-                    yield name, f.get_tensor(self._where[name][1])
+                    raw = self._where[name][1]
+                    yield name, refuse_nonfinite(file, raw, f.get_tensor(raw))
 
 
 # ----------------------------------------------------------------------------- the DiT checkpoint
@@ -595,8 +609,9 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_diffusers(model: WanDiT, directory: str | Path, *, max_shard_bytes: int = 5 * 1024**3,
                    dtype: torch.dtype | None = None) -> Path:
     """Write `config.json` + `diffusion_pytorch_model.safetensors` (or shards + index) in the diffusers
-    layout, loadable by diffusers' `from_pretrained` and by `load_wan_dit`."""
-    from safetensors.torch import save_file
+    layout, loadable by diffusers' `from_pretrained` and by `load_wan_dit`; each file whole or not at all, and
+    none when a weight holds a NaN/Inf (NonFiniteError)."""
+    from idgrpo.engine.checkpoint import save_safetensors_atomic, write_atomic
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -611,18 +626,22 @@ def save_diffusers(model: WanDiT, directory: str | Path, *, max_shard_bytes: int
             size = 0
         shards[-1][key] = tensor
         size += nbytes
-    (directory / "config.json").write_text(json.dumps(diffusers_config(model.config), indent=2) + "\n")
+    for key, tensor in state.items():  # before any file is written
+        problem = nonfinite_summary(tensor)
+        if problem:
+            raise NonFiniteError(f"{directory}: not written: tensor {key!r} holds non-finite values ({problem})")
+    write_atomic(directory / "config.json", json.dumps(diffusers_config(model.config), indent=2) + "\n")
     if len(shards) == 1:
-        save_file(shards[0], str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_safetensors_atomic(shards[0], directory / WEIGHTS_NAME, metadata={"format": "pt"})
         return directory
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         name = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        save_safetensors_atomic(shard, directory / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in state.values())
-    (directory / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                   indent=2) + "\n")
+    write_atomic(directory / INDEX_NAME, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                  indent=2) + "\n")
     return directory
 
 
@@ -640,6 +659,7 @@ __all__ = [
     "Checkpoint", "CheckpointError", "WeightFiles", "WeightSource", "base_state_dict", "check_keys",
     "config_from_dict", "default_dtype", "detect_key_format", "diffusers_config", "diffusers_to_original_key",
     "expected_shapes", "is_dit_config", "load_state_dict_into", "load_wan_dit", "locate", "materialize_",
-    "original_config", "original_to_diffusers_key", "read_config", "save_diffusers", "to_diffusers_state_dict",
+    "original_config", "original_to_diffusers_key", "read_config", "refuse_nonfinite", "save_diffusers",
+    "to_diffusers_state_dict",
     "to_original_state_dict", "weight_files",
 ]

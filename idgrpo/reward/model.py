@@ -262,19 +262,22 @@ class IdentityRewardModel(nn.Module):
         return self(frames, refs, ref_mask)["reward"]
 
     def save(self, directory: str | Path) -> Path:
-        """Write `reward_model.safetensors` + `reward_model.json` (the config) into `directory`."""
-        from safetensors.torch import save_file
+        """Write `reward_model.safetensors` + `reward_model.json` (the config) into `directory`, each file whole or
+        not at all; refused (NonFiniteError, nothing written) when a weight holds a NaN/Inf."""
+        from idgrpo.engine.checkpoint import save_safetensors_atomic, write_atomic
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  str(directory / "reward_model.safetensors"))
-        (directory / "reward_model.json").write_text(json.dumps(asdict(self.config), indent=1))
+        save_safetensors_atomic({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                                directory / "reward_model.safetensors")
+        write_atomic(directory / "reward_model.json", json.dumps(asdict(self.config), indent=1))
         return directory
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> IdentityRewardModel:
         from safetensors.torch import load_file
+
+        from idgrpo.engine.optim import nonfinite_summary
 
         directory = Path(directory)
         for name in ("reward_model.json", "reward_model.safetensors"):
@@ -284,6 +287,11 @@ class IdentityRewardModel(nn.Module):
         config = RewardModelConfig(**json.loads((directory / "reward_model.json").read_text()))
         model = cls(config)
         state = load_file(str(directory / "reward_model.safetensors"))
+        for key, tensor in state.items():
+            problem = nonfinite_summary(tensor)
+            if problem:
+                raise UsageError(f"{directory / 'reward_model.safetensors'}: tensor {key!r} holds non-finite values "
+                                 f"({problem}); a reward model with NaN/Inf weights is not loaded")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{directory}: weights do not fit the config (missing {missing}, unexpected {unexpected})")

@@ -18,7 +18,9 @@ model is written in the published checkpoint layout (`VLMReward.save`) under <ou
 
 Each epoch ends with an evaluation on the held-out split (pairwise accuracy on non-tie pairs, three-way
 accuracy with ties under the Rao-Kupper model, loss, expected calibration error, accuracy per distortion
-kind) and a checkpoint; a rerun with the same --out resumes from the latest checkpoint.
+kind) and a checkpoint; a rerun with the same --out resumes from the latest checkpoint, with the settings
+recorded in <out>/run.json (only those in `RESUMABLE_SETTINGS` may change; docs/reliability.md). A run whose
+updates keep being undone for NaN/Inf stops after --max-undone-steps of them in a row.
 """
 
 from __future__ import annotations
@@ -38,14 +40,18 @@ from idgrpo.engine import (
     FSDP,
     Checkpointer,
     Metrics,
+    NonFiniteGuard,
     build_optimizer,
     clip_grad_norm_,
     init_distributed,
+    open_run,
     progress,
     step_if_finite,
+    truncate_jsonl,
+    write_atomic,
 )
 from idgrpo.engine.metrics import strict_json
-from idgrpo.errors import UsageError, above, at_least, device_name, one_of, within
+from idgrpo.errors import UsageError, above, at_least, device_name, flag, one_of, within
 from idgrpo.reward.data import load_pairs, read_pairs, split_pairs
 from idgrpo.reward.losses import INVALID, PREFER_A, PREFER_B, TIE, bt_loss, btt_loss, btt_probabilities
 from idgrpo.reward.model import IdentityRewardModel, RewardModelConfig
@@ -124,7 +130,13 @@ class TrainRewardConfig:
     seed: int = 0
     """Seed of initialisation, shuffling and augmentation."""
     resume: bool = True
-    """Resume from the latest checkpoint in --out when there is one."""
+    """Resume the run in --out (from its latest checkpoint, with the settings it recorded) when there is one;
+    --no-resume refuses a used --out unless --overwrite is given."""
+    overwrite: bool = False
+    """Start a new run even when --out holds one: its contents are first moved aside to <out>.replaced-<time>."""
+    max_undone_steps: int = 20
+    """Stop with an error once this many updates in a row were undone because the loss, the gradient or the
+    updated weights were not finite (checked after each epoch; 0 = never stop)."""
     threads: int = 0
     """torch CPU threads (0 = leave as is)."""
     collective_timeout: float | None = None
@@ -139,7 +151,7 @@ class TrainRewardConfig:
         above(self, 1.0, "ties_k")
         at_least(self, 1, "num_frames", "epochs", "batch_size", "vlm_lora_rank", "vlm_video_min_pixels")
         above(self, 0.0, "lr", "grad_clip", "vlm_lora_alpha")
-        at_least(self, 0, "weight_decay", "lora_rank", "lora_alpha", "max_minutes", "threads")
+        at_least(self, 0, "weight_decay", "lora_rank", "lora_alpha", "max_minutes", "threads", "max_undone_steps")
         at_least(self, 28, "vlm_image_size")
         at_least(self, 28 * 28, "vlm_max_pixels")
         within(self, "seed", 0, 2**32 - 1)
@@ -167,9 +179,30 @@ class TrainRewardConfig:
         elif self.init_from is None and self.num_frames > self.model_config().max_frames:
             raise UsageError(f"--num-frames {self.num_frames} is more than the model's max_frames "
                              f"{self.model_config().max_frames} (--model.max-frames)")
+        if self.overwrite:
+            out = Path(self.out).resolve()
+            for name in ("data", "val_data", "init_from", "vlm_base", "vlm_tokenizer"):
+                value = getattr(self, name)
+                if value is not None and Path(value).resolve().is_relative_to(out):
+                    raise UsageError(f"--overwrite would move {flag(name)} {value} away with the old run in --out "
+                                     f"{self.out}; move it out of --out first")
+
+    def run_settings(self) -> dict:
+        """What run.json records: every setting but the ones about this invocation (where, whether to resume)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("out", "resume", "overwrite")}
 
     def model_config(self) -> RewardModelConfig:
         return RewardModelConfig.from_name(self.preset) if self.preset else self.model
+
+
+RESUMABLE_SETTINGS = frozenset({"epochs", "max_minutes", "threads", "device", "collective_timeout",
+                                "max_undone_steps"})
+"""The settings a resumed run may change (`run_settings` keys); any other change is refused (docs/reliability.md).
+More --epochs stretch the learning-rate schedule over the new length from the resumed step on."""
+
+
+def _settings_flag(key: str) -> str:
+    return "--model" if key == "architecture" else flag(key)
 
 
 def _pairwise_losses(reward_a, reward_b, labels, config: TrainRewardConfig):
@@ -314,7 +347,9 @@ def train_reward(config: Annotated[TrainRewardConfig, tyro.conf.arg(name="")]) -
         report.reasons += val_report.reasons
     else:
         train_pairs, val_pairs = split_pairs(pairs, config.held_out_fraction, config.seed)
-    out.mkdir(parents=True, exist_ok=True)
+    say = lambda message: print(f"train-reward: {message}") if main else None
+    run = open_run(out, config.run_settings(), mutable=RESUMABLE_SETTINGS, resume=config.resume,
+                   overwrite=config.overwrite, label=_settings_flag, log=say)
     vlm = config.architecture == "vlm"
     # Loaded before the data: its config decides the image size.
     initial = IdentityRewardModel.load(config.init_from).train() if config.init_from is not None else None
@@ -349,15 +384,18 @@ def train_reward(config: Annotated[TrainRewardConfig, tyro.conf.arg(name="")]) -
     warmup = max(1, int(0.03 * total_steps))
     schedule = lambda step: min(1.0, (step + 1) / warmup) * (
         0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps))))
-    checkpointer = Checkpointer(out / "checkpoints", keep=2, config=asdict(config))
+    checkpointer = Checkpointer(out / "checkpoints", keep=2, config=asdict(config), log=say)
     step, epoch_done, history = 0, 0, []
-    resumed = checkpointer.load_latest(model, optimizer) if config.resume else None
+    resumed = checkpointer.load_latest(model, optimizer) if run.resuming else None
     if resumed is not None:
         step, extra = resumed
         epoch_done, history = extra["epoch"], extra["history"]
         if main:
             print(f"train-reward: resumed after epoch {epoch_done} (step {step})")
-    metrics = Metrics(out, rank=info.rank, all_reduce=True)
+    if main and run.resuming:  # each epoch logged once, also after a stop past the checkpoint (docs/reliability.md)
+        truncate_jsonl(out / "eval.jsonl", step)
+    metrics = Metrics(out, rank=info.rank, all_reduce=True, truncate_after=step if run.resuming else None)
+    guard = NonFiniteGuard(config.max_undone_steps, hint="lower --lr, or raise --max-undone-steps")
     started = time.monotonic()
     for epoch in range(epoch_done, config.epochs):
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
@@ -377,11 +415,14 @@ def train_reward(config: Annotated[TrainRewardConfig, tyro.conf.arg(name="")]) -
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = clip_grad_norm_(model, config.grad_clip)
-            metrics.add("skipped_steps", step_if_finite(optimizer, loss, grad_norm))
+            skipped = step_if_finite(optimizer, loss, grad_norm)
+            guard.update(skipped)
+            metrics.add("skipped_steps", skipped)
             metrics.add("train_loss", loss)
             metrics.add("grad_norm", grad_norm)
             step += 1
         train_stats = metrics.flush(step)
+        guard.check(step)
         record = {"epoch": epoch + 1, "step": step, **train_stats,
                   "minutes": (time.monotonic() - started) / 60, **evaluate(model, val_set, config, device)}
         history.append(record)
@@ -433,7 +474,7 @@ def train_reward(config: Annotated[TrainRewardConfig, tyro.conf.arg(name="")]) -
 def _write_summary(out: Path, config: TrainRewardConfig, report, history: list[dict]) -> None:
     summary = {"config": json.loads(json.dumps(asdict(config), default=str)), "skipped_rows": report.skipped,
                "final": history[-1] if history else None}
-    (out / "summary.json").write_text(strict_json(summary, indent=1))
+    write_atomic(out / "summary.json", strict_json(summary, indent=1))
     print(f"train-reward: model written to {out / 'final'}")
 
 
