@@ -1,5 +1,6 @@
 """Wan VAE: parity with diffusers AutoencoderKLWan at a tiny random config (encode and decode), the
-temporal quirks of spec §4.3 written out independently, chunked == whole-sequence, original-key loading."""
+temporal quirks of docs/models.md#vae-temporal-processing written out independently, chunked ==
+whole-sequence, original-key loading."""
 
 import pytest
 import torch
@@ -72,7 +73,8 @@ def test_single_frame_image_round_trip_shapes(pair):
 
 
 def _reference_time_ops(x, conv_weight, conv_bias):
-    """Spec §4.3 whole-sequence formulas written out with plain conv3d (independent of the module)."""
+    """The whole-sequence formulas of docs/models.md#vae-temporal-processing, written out with plain conv3d
+    (independent of the module)."""
     # downsample3d: [y0] + valid stride-2 windows (y0,y1,y2), (y2,y3,y4), ...
     down = torch.cat([x[:, :, :1], F.conv3d(x, conv_weight, conv_bias, stride=(2, 1, 1))], dim=2)
     return down
@@ -96,7 +98,8 @@ def test_upsample3d_zeroes_frame0_for_time_conv():
 
     block = _perturb(Resample(4, "upsample3d"), seed=6)
     x = randn(1, 4, 3, 5, 5, seed=7)
-    # spec §4.3: x0 replaced by zero for the time conv, causal (2 zero frames), split [0:C] then [C:2C]
+    # docs/models.md#vae-temporal-processing: x0 replaced by zero for the time conv, causal (2 zero frames),
+    # split [0:C] then [C:2C]
     tc_in = F.pad(torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, 1:]], dim=2), (0, 0, 0, 0, 2, 0))
     y = F.conv3d(tc_in, block.time_conv.weight, block.time_conv.bias)  # (1, 8, 3, 5, 5)
     frames = [x[:, :, 0]]
@@ -127,7 +130,8 @@ def test_original_key_layout_loads(tmp_path, pair):
 
 
 def test_full_size_key_map_matches_appendix_a():
-    """The 194 diffusers keys of the real config map onto our module names with the Appendix A shapes."""
+    """The 194 diffusers keys of the real config map onto our module names with the shapes
+    diffusers gives (docs/models.md#vae-key-layouts)."""
     diffusers = pytest.importorskip("diffusers")
     with torch.device("meta"):
         ref = diffusers.AutoencoderKLWan()
@@ -137,7 +141,7 @@ def test_full_size_key_map_matches_appendix_a():
     for key, value in ref_sd.items():
         name = diffusers_to_original_key(key)
         assert ours_sd[name].shape == value.shape, key
-    # a few rows of Appendix A verbatim
+    # the example rows of docs/models.md#vae-key-layouts
     rows = {
         "decoder.up_blocks.1.resnets.0.conv_shortcut.weight": "decoder.upsamples.4.shortcut.weight",
         "decoder.up_blocks.2.upsamplers.0.resample.1.bias": "decoder.upsamples.11.resample.1.bias",

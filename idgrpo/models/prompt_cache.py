@@ -1,6 +1,7 @@
 """Prompt-embedding cache: `idgrpo encode-prompts` runs the umT5 encoder once over a prompt list and
 writes a safetensors file; trainers read it with `PromptCache`, so the 5.7B text encoder never sits in
-GPU memory during RL (the encoder is frozen, so cached embeddings are exact; spec §5).
+GPU memory during RL (the encoder is frozen, so cached embeddings are exact;
+docs/models.md#umt5-text-encoder).
 
 Usage:
     idgrpo encode-prompts --prompts data/train.csv --output cache/train.safetensors \\

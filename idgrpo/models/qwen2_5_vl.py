@@ -7,7 +7,7 @@
                    pixel_values_videos=batch.pixel_values_videos, video_grid_thw=batch.video_grid_thw)
     logits = model.lm_logits(hidden)                          # (B, L, vocab); the reward reads `hidden`
 
-Spec: MODELS.md §7.1-7.4. Vision: 14-px patches over pairs of frames (Conv3d without bias, run as
+Facts: docs/models.md#qwen-reward-backbone. Vision: 14-px patches over pairs of frames (Conv3d without bias, run as
 one matmul), 2-D rotate-half RoPE, windowed attention (112 px windows = 4x4 merged tokens) except at
 `fullatt_block_indexes`, where attention spans one temporal slice of one image/video (never across
 time); a 2x2 patch merger to the LLM width. All vision attention is one packed varlen call
@@ -157,7 +157,7 @@ class Qwen2_5_VLConfig:
                 vision_start_token_id=302, vision_end_token_id=303, pad_token_id=0,
                 vision=QwenVisionConfig(depth=4, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64,
                                         window_size=56, fullatt_block_indexes=(1, 3))),
-            # Qwen/Qwen2.5-VL-3B-Instruct (MODELS.md §7.1).
+            # Qwen/Qwen2.5-VL-3B-Instruct (docs/models.md#qwen-configuration).
             "3b": lambda: Qwen2_5_VLConfig(),
         }
         if name not in presets:

@@ -1,9 +1,10 @@
 """umT5 encoder (the Wan2.1 text encoder) and its tokenizer, loaded from local files.
 
-Spec: MODELS.md §5. Parameter names follow Wan's `models_t5_umt5-xxl-enc-bf16.pth`; HF
+Facts: docs/models.md#umt5-text-encoder. Parameter names follow Wan's `models_t5_umt5-xxl-enc-bf16.pth`; HF
 `UMT5EncoderModel` safetensors (google/umt5-xxl layout) are renamed on load (`hf_to_wan_key`).
 
-What differs from a textbook transformer encoder (pitfall 13): no 1/sqrt(d) attention scaling; every
+What differs from a textbook transformer encoder (docs/models.md#pitfall-umt5-attention-is-unscaled): no
+1/sqrt(d) attention scaling; every
 layer has its own relative-position bias table (32 bidirectional log buckets, max distance 128); the
 FFN is gated GELU(tanh) (`gate` = HF wi_0, `fc1` = wi_1); T5 RMSNorm with fp32 statistics and no bias.
 
@@ -104,7 +105,7 @@ def is_hf_t5_config(raw: dict) -> bool:
 
 
 def relative_position_bucket(rel: torch.Tensor, num_buckets: int = 32, max_distance: int = 128) -> torch.Tensor:
-    """Bidirectional T5 bucket of rel = key_pos - query_pos (spec §5)."""
+    """Bidirectional T5 bucket of rel = key_pos - query_pos (docs/models.md#umt5-text-encoder)."""
     half = num_buckets // 2
     bucket = (rel > 0).long() * half
     n = rel.abs()
@@ -152,7 +153,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         b, l, _ = x.shape
         q, k, v = (p(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
-        scores = q @ k.transpose(-1, -2)  # (B, H, L, L); no 1/sqrt(d) (pitfall 13)
+        scores = q @ k.transpose(-1, -2)  # (B, H, L, L); unscaled: docs/models.md#pitfall-umt5-attention-is-unscaled
         probs = torch.softmax(scores.float() + bias, dim=-1).type_as(q)  # bias carries position + key mask
         return self.o((probs @ v).transpose(1, 2).reshape(b, l, -1))
 
@@ -202,7 +203,8 @@ class UMT5Encoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The DiT's text context: (B, text_len, dim) with rows >= length zeroed (pitfall 1), and lengths (B,).
+        """The DiT's text context: (B, text_len, dim) with rows >= length zeroed, and lengths (B,).
+        The zeros are attended to by the DiT: docs/models.md#pitfall-text-padding-is-attended.
 
         Inputs longer than text_len must be truncated by the tokenizer first."""
         if ids.shape != mask.shape or ids.ndim != 2:
@@ -278,7 +280,7 @@ def to_wan_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def hf_to_wan_key(key: str) -> str:
-    """Rename one HF `UMT5EncoderModel` key to the Wan T5 layout (spec §5 table)."""
+    """Rename one HF `UMT5EncoderModel` key to the Wan T5 layout (docs/models.md#umt5-text-encoder)."""
     if key == "shared.weight":
         return "token_embedding.weight"
     if key == "encoder.final_layer_norm.weight":

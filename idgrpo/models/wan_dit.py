@@ -1,7 +1,7 @@
 """Wan2.1 diffusion transformer (T2V 1.3B / 14B), its VACE variant and Phantom's reference frames.
 
-One implementation in plain PyTorch on top of `idgrpo.kernels`. Spec: MODELS.md §1 (DiT),
-§2 (VACE), §3 (Phantom), §6.1 (velocity / timestep convention), §8 (pitfalls).
+One implementation in plain PyTorch on top of `idgrpo.kernels`. Facts: docs/models.md
+(#dit-forward-pass, #vace, #phantom, #parameterisation-and-timesteps for the velocity and timestep, #pitfalls).
 
     from idgrpo.models.wan_dit import WanConfig, WanDiT
     model = WanDiT(WanConfig.from_name("tiny"))
@@ -12,7 +12,8 @@ Module and parameter names follow diffusers (`blocks.{i}.attn1.to_q`, `condition
 `vace_blocks.{j}.proj_out`, ...), so a diffusers checkpoint or a PEFT LoRA written against diffusers
 loads by name; `idgrpo.models.weights` renames the original Wan2.1 keys.
 
-Precision (spec §1.5): parameters may be bf16 (the original's `param_dtype`); the time embedding,
+Precision (docs/models.md#dit-numerics-and-precision): parameters may be bf16 (the original's
+`param_dtype`); the time embedding,
 the modulation tables, all norms, the gated residual adds, the residual stream itself and the head
 run in fp32, as the original does under autocast. Matmuls run in the parameters' dtype.
 
@@ -65,7 +66,8 @@ class WanConfig:
     text_dim: int = 4096
     """Width of the text encoder output (umT5-XXL: 4096)."""
     text_len: int = 512
-    """Text rows the cross-attention always sees: shorter contexts are zero-padded to it (pitfall 1)."""
+    """Text rows the cross-attention always sees: shorter contexts are zero-padded to it
+    (docs/models.md#pitfall-text-padding-is-attended)."""
     freq_dim: int = 256
     """Width of the sinusoidal timestep embedding."""
     patch_size: tuple[int, int, int] = (1, 2, 2)
@@ -134,7 +136,8 @@ PRESETS: dict[str, WanConfig] = {
     "t2v-14b": _T2V_14B,
     "vace-1.3b": dataclasses.replace(_T2V_1_3B, vace_layers=tuple(range(0, 30, 2)), reference_mode="vace"),
     "vace-14b": dataclasses.replace(_T2V_14B, vace_layers=tuple(range(0, 40, 5)), reference_mode="vace"),
-    # Phantom-Wan-1.3B is the plain T2V-1.3B network; its references are extra latent frames (spec §3).
+    # Phantom-Wan-1.3B is the plain T2V-1.3B network; its references are extra latent frames
+    # (docs/models.md#phantom).
     "phantom-1.3b": dataclasses.replace(_T2V_1_3B, reference_mode="phantom"),
 }
 
@@ -143,7 +146,8 @@ PRESETS: dict[str, WanConfig] = {
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with a learned weight over the full width (Wan's q/k norm spans all heads, pitfall 4)."""
+    """RMSNorm with a learned weight over the full width (Wan's q/k norm spans all heads,
+    docs/models.md#pitfall-qk-rmsnorm-spans-all-heads)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -244,7 +248,8 @@ class FeedForward(nn.Module):
 
 
 class WanBlock(nn.Module):
-    """One Wan block (spec §1.3 step 4): modulated self-attention, plain cross-attention, modulated FFN."""
+    """One Wan block (docs/models.md#transformer-block): modulated self-attention, plain cross-attention,
+    modulated FFN."""
 
     def __init__(self, config: WanConfig):
         super().__init__()
@@ -272,8 +277,8 @@ class WanBlock(nn.Module):
 
 
 class VaceBlock(WanBlock):
-    """A VACE context block (spec §2.1): a Wan block on the context stream, plus `proj_in` (block 0
-    only, adds the patch-embedded video tokens) and `proj_out` (the hint for the main stack)."""
+    """A VACE context block (docs/models.md#vace-architecture): a Wan block on the context stream, plus
+    `proj_in` (block 0 only, adds the patch-embedded video tokens) and `proj_out` (the hint for the main stack)."""
 
     def __init__(self, config: WanConfig, first: bool):
         super().__init__(config)
@@ -317,7 +322,8 @@ class ConditionEmbedder(nn.Module):
     def embed_time(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """timestep (B,) in [0, 1000) -> e (B, C) and e0 (B, 6, C), both fp32."""
         half = self.freq_dim // 2
-        # Sinusoid in float64, cos half first, omega_k = 10000^(-k/half) (pitfall 7).
+        # Sinusoid in float64, cos half first, omega_k = 10000^(-k/half)
+        # (docs/models.md#pitfall-integer-timestep-float-sigma).
         omega = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=timestep.device) / half)
         angle = timestep.to(torch.float64)[:, None] * omega  # (B, half)
         sinusoid = torch.cat([angle.cos(), angle.sin()], dim=-1).float()  # (B, freq_dim)
@@ -425,8 +431,9 @@ class WanDiT(nn.Module):
         return self._rope_cache[key]
 
     def pad_text(self, context: torch.Tensor, context_lens: torch.Tensor | None = None) -> torch.Tensor:
-        """Zero rows at and beyond `context_lens` (when given) and zero-pad to `text_len` rows (pitfall 1:
-        the padded rows are attended to, so their content must be exactly zero)."""
+        """Zero rows at and beyond `context_lens` (when given) and zero-pad to `text_len` rows (the padded
+        rows are attended to, so their content must be exactly zero:
+        docs/models.md#pitfall-text-padding-is-attended)."""
         B, n, width = context.shape  # (B, n, text_dim)
         if width != self.config.text_dim:
             raise ValueError(f"context width {width} != text_dim {self.config.text_dim}")
@@ -451,7 +458,8 @@ class WanDiT(nn.Module):
         return x.flatten(2).transpose(1, 2).float().contiguous(), grid
 
     def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        """(B, L, pt*ph*pw*C) with the channel fastest (pitfall 6) -> (B, C, F, H, W)."""
+        """(B, L, pt*ph*pw*C) with the channel fastest -> (B, C, F, H, W)
+        (docs/models.md#pitfall-unpatchify-channel-order)."""
         pt, ph, pw = self.config.patch_size
         f, h, w = grid
         B = tokens.shape[0]
@@ -470,7 +478,8 @@ class WanDiT(nn.Module):
                    rope_cos: torch.Tensor, rope_sin: torch.Tensor,
                    k_lens: torch.Tensor | None = None) -> list[torch.Tensor]:
         """All hints from the VACE context tokens c (`vace_tokens`) and the patch-embedded video x0, computed
-        before any main block (pitfall 11)."""
+        before any main block
+        (docs/models.md#pitfall-vace-details)."""
         hints = []
         for block in self.vace_blocks:
             c, hint = block(c, x0, e0, context, rope_cos, rope_sin, k_lens)
@@ -482,7 +491,7 @@ class WanDiT(nn.Module):
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 vace_context: torch.Tensor | None = None, vace_scale: float | torch.Tensor = 1.0,
                 context_lens: torch.Tensor | None = None) -> torch.Tensor:
-        """Velocity v = eps - x0 (spec §6.1), fp32 (B, out_dim, F, H, W).
+        """Velocity v = eps - x0 (docs/models.md#parameterisation-and-timesteps), fp32 (B, out_dim, F, H, W).
 
         latents (B, in_dim, F, H, W); timestep (B,) (or scalar) the scheduler's t in [0, 1000), not sigma;
         context (B, n, text_dim) text-encoder output, n <= text_len, padded here with zero rows
@@ -548,7 +557,7 @@ class WanDiT(nn.Module):
                             context: torch.Tensor, neg_context: torch.Tensor,
                             guidance_img: float | torch.Tensor = 5.0,
                             guidance_text: float | torch.Tensor = 7.5) -> torch.Tensor:
-        """Phantom's three-pass guidance (spec §3) as ONE batched forward:
+        """Phantom's three-pass guidance (docs/models.md#phantom) as ONE batched forward:
         pos_it (refs, text), pos_i (refs, negative text), neg (zero refs, negative text);
         v = neg + g_img (pos_i - neg) + g_text (pos_it - pos_i).
 
@@ -576,11 +585,12 @@ def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> float | torc
     return value
 
 
-# ----------------------------------------------------------------------------- Phantom (spec §3)
+# -------------------------------------------------------- Phantom (docs/models.md#phantom)
 
 
 def phantom_model_input(latents: torch.Tensor, ref_latents: torch.Tensor) -> torch.Tensor:
-    """Replace the last n_ref latent frames by the clean reference latents (every step, spec §3.4).
+    """Replace the last n_ref latent frames by the clean reference latents (every step,
+    docs/models.md#phantom).
     latents (B, 16, F_lat + n_ref, H, W); ref_latents (B, 16, n_ref, H, W)."""
     n_ref = ref_latents.shape[2]
     if latents.shape[2] <= n_ref:
@@ -595,7 +605,7 @@ def phantom_latent_frames(num_frames: int, n_ref: int) -> int:
     return (num_frames - 1) // 4 + 1 + n_ref
 
 
-# ----------------------------------------------------------------------------- VACE context (spec §2.4)
+# -------------------------------------------------------- VACE context (docs/models.md#vace-context)
 
 
 def vace_mask_latent(mask: torch.Tensor, spatial_stride: int = 8) -> torch.Tensor:
@@ -628,7 +638,7 @@ def vace_reference_canvas(image: torch.Tensor, height: int, width: int) -> torch
 
 def build_vace_context(encode, video: torch.Tensor, mask: torch.Tensor,
                        references: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """The 96-channel VACE context (spec §2.4), in the original's reference order.
+    """The 96-channel VACE context (docs/models.md#vace-context), in the original's reference order.
 
     encode: VAE encoder, (B, 3, F, H, W) in [-1, 1] -> normalised latent mean (B, 16, (F+3)//4, H/8, W/8);
     video (B, 3, F, H, W) in [-1, 1] (zeros for subject-to-video); mask (B, 1, F, H, W) in {0, 1}

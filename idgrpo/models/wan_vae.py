@@ -1,13 +1,14 @@
 """Wan2.1 VAE: causal 3-D conv autoencoder, 4x temporal / 8x spatial compression, 16 latent channels.
 
-Spec: MODELS.md §4 (with the key map of Appendix A). Parameter names follow the original
+Facts: docs/models.md#wan-vae (key map: #vae-key-layouts). Parameter names follow the original
 `Wan2.1_VAE.pth` layout, so that checkpoint loads as is; the diffusers `AutoencoderKLWan` layout is
 renamed on load (`diffusers_to_original_key`).
 
 Note [streaming state]: every causal module takes a `state` dict shared by the whole pass. A
 CausalConv3d stores the last frames it saw there, so feeding a video in time chunks is exactly the
 same as feeding it whole; the resample time convs use it to know whether they are on the first chunk
-(spec §4.3: the encoder's stride-2 time conv lets frame 0 through, the decoder's upsampling time conv
+(docs/models.md#vae-temporal-processing: the encoder's stride-2 time conv lets frame 0 through, the
+decoder's upsampling time conv
 sees frame 0 as zeros). Encoding and decoding are therefore one code path: `encode`/`decode` with
 `chunk_frames=None` run the sequence as a single chunk (after the special first frame), and a finite
 `chunk_frames` bounds activation memory (decode of 81 frames at 480x832 holds only one chunk).
@@ -107,7 +108,7 @@ class WanVAEConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# building blocks (spec §4.2)
+# building blocks (docs/models.md#vae-building-blocks)
 
 
 class CausalConv3d(nn.Conv3d):
@@ -133,7 +134,8 @@ class CausalConv3d(nn.Conv3d):
 
 
 class RMSNorm(nn.Module):
-    """L2-normalise over channels, times sqrt(C) * gamma (F.normalize, not an eps-RMS; pitfall 10)."""
+    """L2-normalise over channels, times sqrt(C) * gamma (F.normalize, not an eps-RMS;
+    docs/models.md#pitfall-vae-quirks)."""
 
     def __init__(self, dim: int, images: bool = False):
         super().__init__()
@@ -187,7 +189,8 @@ class _NearestExactUp(nn.Module):
 
 
 class Resample(nn.Module):
-    """Spatial x2 up/down sampling per frame, optionally with the causal time conv (spec §4.2-4.3)."""
+    """Spatial x2 up/down sampling per frame, optionally with the causal time conv
+    (docs/models.md#vae-building-blocks, #vae-temporal-processing)."""
 
     def __init__(self, dim: int, mode: str):
         super().__init__()
@@ -195,7 +198,7 @@ class Resample(nn.Module):
         if mode.startswith("upsample"):
             self.resample = nn.Sequential(_NearestExactUp(), nn.Conv2d(dim, dim // 2, 3, padding=1))
         elif mode.startswith("downsample"):
-            # Asymmetric zero pad: right and bottom only (pitfall 10).
+            # Asymmetric zero pad: right and bottom only (docs/models.md#pitfall-vae-quirks).
             self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
         else:
             raise ValueError(f"unknown resample mode {mode!r}")
@@ -437,7 +440,7 @@ def is_diffusers_vae_config(raw: dict) -> bool:
 
 
 def diffusers_to_original_key(key: str, config: WanVAEConfig | None = None) -> str:
-    """Rename one diffusers `AutoencoderKLWan` key to the original Wan layout (spec §4.4, Appendix A)."""
+    """Rename one diffusers `AutoencoderKLWan` key to the original Wan layout (docs/models.md#vae-key-layouts)."""
     cfg = config or WanVAEConfig()
     residual = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
                 "conv_shortcut": "shortcut"}  # fmt: skip

@@ -1,6 +1,6 @@
 """Wan DiT checkpoints: read the diffusers and the original Wan2.1 layouts, write the diffusers one.
 
-Layouts read (spec §1.6, §2.3, §3):
+Layouts read (docs/models.md#dit-checkpoint-layouts, covering VACE and Phantom too):
 - diffusers: `config.json` (`_class_name` WanTransformer3DModel / WanVACETransformer3DModel) and
   `diffusion_pytorch_model.safetensors`, or shards + `diffusion_pytorch_model.safetensors.index.json`;
   a pipeline root (`model_index.json` beside a `transformer/` folder) works too;
@@ -53,7 +53,7 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit the model: names the file and every offending key."""
 
 
-# ----------------------------------------------------------------------------- key renames (spec §1.6)
+# ------------------------------------------- key renames (docs/models.md#dit-checkpoint-layouts)
 
 # Top-level prefixes: original -> diffusers.
 _TOP_LEVEL = {
@@ -64,7 +64,8 @@ _TOP_LEVEL = {
     "time_projection.1.": "condition_embedder.time_proj.",
     "head.head.": "proj_out.",
 }
-# Inside `blocks.{i}.` / `vace_blocks.{j}.`: original -> diffusers. norm2 <-> norm3 swap (pitfall 2);
+# Inside `blocks.{i}.` / `vace_blocks.{j}.`: original -> diffusers. norm2 <-> norm3 swap
+# (docs/models.md#pitfall-norm2-and-norm3-swap-names);
 # the original `norm2` is non-affine and has no tensor, listed for the inverse map.
 _IN_BLOCK = {
     "self_attn.q.": "attn1.to_q.", "self_attn.k.": "attn1.to_k.", "self_attn.v.": "attn1.to_v.",

@@ -4,7 +4,7 @@ training and scoring. Never imports `idgrpo.rl`.
 - `data`: the pair file format (CSV/JSONL: video_a, video_b, refs | refs_a + refs_b, prompt, label
   A/B/same), validation with file:line errors, loading with uniform frame sampling and resizing;
 - `distortions`: identity-breaking / label-preserving / box-free distortions and `idgrpo synth-pairs`;
-- `losses`: `bt_loss`, `btt_loss` (Rao-Kupper, spec §7.6), `btt_probabilities`;
+- `losses`: `bt_loss`, `btt_loss` (Rao-Kupper, docs/models.md#preference-losses), `btt_probabilities`;
 - `model`: `IdentityRewardModel` (compact ViT, presets tiny/small/base);
 - `train`: `idgrpo train-reward` (on the engine) and `idgrpo score`.
 

@@ -5,7 +5,8 @@ read at the `<|SA_reward|>` token), on idgrpo's own Qwen2.5-VL, processor and Lo
                                        dtype=torch.bfloat16, device="cuda")
     scores = reward.score(frames, references, prompts)   # frames uint8 (B, T, H, W, 3) on device -> (B,) fp32
 
-Each sample is one user turn (MODELS.md §7.5): every reference image ("Picture k: ..."), then the video
+Each sample is one user turn (docs/models.md#reward-head-and-reward-token): every reference image
+("Picture k: ..."), then the video
 (5 frames requested -> 4 used, sampled uniformly), then the subject-alignment instruction ending in the
 reward token. The reward is the raw `rm_head` output at that token, read from the hidden state after
 the final norm (the LM head is not used).
@@ -217,7 +218,8 @@ class VLMReward(nn.Module):
 
     def conversations(self, frames: torch.Tensor, references: list[list[torch.Tensor]],
                       prompts: list[str]) -> list[list[dict]]:
-        """One user turn per video: the references, the video, the instruction (MODELS.md §7.5 layout)."""
+        """One user turn per video: the references, the video, the instruction
+        (docs/models.md#reward-head-and-reward-token)."""
         if frames.dim() != 5 or frames.dtype != torch.uint8 or frames.shape[-1] != 3:
             raise ValueError(f"frames: expected uint8 (B, T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
         if not len(references) == len(prompts) == frames.shape[0]:
