@@ -15,7 +15,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["idgrpo", "idgrpo.*", "bench", "bench.*"]),
+    # bench/ runs from a checkout (`python -m bench`): a top-level package named `bench` would shadow any other.
+    packages=find_packages(include=["idgrpo", "idgrpo.*"]),
     install_requires=[
         # 2.13.0 is the CPU build these machines install locally; keep the range admitting it.
         "torch>=2.4,<2.15",
@@ -28,6 +29,8 @@ setup(
         # `score` and `synth-pairs` read videos, GRPO runs save sample videos. PyAV's wheels bundle FFmpeg, so this
         # needs no system library; a pure-Python PNG/GIF writer would still leave video reading behind an extra.
         "av>=12",
+        # The training curves (`idgrpo.rl.plots`): `idgrpo demo` and every GRPO run write reward_curve.png.
+        "matplotlib>=3.5",
     ],
     extras_require={
         # diffusers / transformers are test oracles for weight-format parity only: the

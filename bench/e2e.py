@@ -18,12 +18,13 @@ values do not change the cost). Decode: the Wan2.1 VAE architecture (random weig
 Reward: (a) the compact identity reward model (`base` preset, random weights); (b) when `tokenizers` is importable,
 the Qwen2.5-VL-3B reward with random weights (built as `bench/reward.py` does, stand-in tokenizer).
 
-Modes (one trainer, `GRPOConfig.baseline`, switched between epochs):
+Modes (one trainer, switched between epochs: `train_epoch(epoch, baseline=...)`):
 - idgrpo: the default path: idgrpo attention and fused kernels, one batched CFG forward, KL anchor kept from the
   rollout, reward decoded + scored on a worker thread (own CUDA stream) overlapping the next rollout batch;
-- baseline: `BaselineFlags.all_on()`: torch SDPA attention (policy and reward model), eager unfused reference ops
-  (loss, norms, RoPE, advantages), two CFG forwards, the KL reference forward at train time, every sample written
-  to mp4 and re-read before scoring, synchronous reward. Same function (tests/test_rl_baseline.py), slower.
+- baseline: `BaselineFlags.all_on()`: torch SDPA attention (policy and reward model), two CFG forwards, the KL
+  reference forward at train time, every sample written to mp4 and re-read before scoring, synchronous reward; and,
+  set here around the epoch since the choice is process-wide, the eager unfused reference ops (loss, norms, RoPE,
+  advantages: IDGRPO_KERNELS=reference). Same function (tests/test_rl_baseline.py), slower.
 
 Per epoch: wall time split into rollout (sampling + VACE context), reward (reward time NOT hidden behind the
 rollout: all of it when synchronous), advantage, update; reward_busy_s = the reward worker's own time; samples/s =
@@ -55,8 +56,8 @@ import torch
 
 from bench.common import report
 from bench.dit import _peak, forward_flops
-from idgrpo.rl.config import BaselineFlags, GRPOConfig
-from idgrpo.rl.trainer import GRPOTrainer, PhaseTimer, PromptRow
+from idgrpo.kernels.backend import ENV_VAR as KERNELS_ENV_VAR
+from idgrpo.rl import BaselineFlags, GRPOConfig, GRPOTrainer, PhaseTimer, PromptRow, RecipeConfig
 
 REPETITIONS = int(os.environ.get("IDGRPO_E2E_REPS", "2"))
 REWARD_MODELS = ("compact", "vlm")
@@ -71,6 +72,24 @@ PROMPTS = ["A man in a red jacket and a woman with short grey hair talk on a par
            "A chef in a white uniform hands a plate to a young waiter in a busy kitchen.",
            "An old man and a girl play chess by a window, rain on the glass."]
 MODES = {"idgrpo": BaselineFlags(), "baseline": BaselineFlags.all_on()}
+KERNELS = {"idgrpo": None, "baseline": "reference"}
+"""IDGRPO_KERNELS per mode (None: left as the process has it)."""
+
+
+@contextlib.contextmanager
+def kernel_backend(name: str | None):
+    """Every idgrpo kernel op through `name` (IDGRPO_KERNELS, idgrpo.kernels.backend) for the duration; the
+    previous setting restored afterwards. None: unchanged."""
+    previous = os.environ.get(KERNELS_ENV_VAR)
+    if name is not None:
+        os.environ[KERNELS_ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(KERNELS_ENV_VAR, None)
+        else:
+            os.environ[KERNELS_ENV_VAR] = previous
 
 
 class RandomText:
@@ -141,7 +160,7 @@ def build_trainer(recipe: dict, score: SwitchableReward, device: torch.device, r
 
     cuda = device.type == "cuda"
     compute = torch.bfloat16 if cuda else torch.float32
-    config = GRPOConfig.from_name(
+    config = RecipeConfig.from_name(
         "vace-1.3b", height=recipe["height"], width=recipe["width"], num_frames=recipe["num_frames"],
         num_steps=recipe["num_steps"], group_size=recipe["group_size"],
         prompts_per_epoch=recipe["prompts_per_epoch"], rollout_batch_size=recipe["batch"],
@@ -166,61 +185,43 @@ def build_trainer(recipe: dict, score: SwitchableReward, device: torch.device, r
     def decode(latents):
         return vae.decode_frames(latents.to(vae.dtype))
 
-    return GRPOTrainer(config, policy, score=score, decode=decode, latent_shape=shape, train_rows=rows,
+    return GRPOTrainer(config.grpo, policy, score=score, decode=decode, latent_shape=shape, train_rows=rows,
                        build_conditioning=vace_conditioning_builder(vae, text, config, recipe["n_ref"]),
-                       lora=True, compute_dtype=compute, log=lambda message: None)
+                       lora=True, log=lambda message: None)
 
 
 def run_epoch(trainer: GRPOTrainer, config: GRPOConfig, score: SwitchableReward, mode: str, epoch: int,
               **overrides) -> dict:
-    """One epoch of `config` in `mode`; returns its wall-time split, peak memory and diagnostics."""
+    """One epoch of `config` (with `overrides`: the warm-up's smaller epoch) in `mode`; returns its wall-time split,
+    peak memory and diagnostics."""
     flags = MODES[mode]
-    trainer.cfg = dataclasses.replace(config, baseline=flags, **overrides)
+    trainer.config = dataclasses.replace(config, **overrides)
     score.impl = "sdpa" if flags.sdpa_attention else "idgrpo"
     device = trainer.device
-    trainer.timer = PhaseTimer(device)
-    trainer.rewards.timed, trainer.rewards.busy_s = True, 0.0
+    timer = PhaseTimer(device)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    record = trainer.train_epoch(epoch)
+    with kernel_backend(KERNELS[mode]):
+        record = trainer.train_epoch(epoch, baseline=flags, timer=timer)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    split = dict(trainer.timer.seconds)
-    trainer.timer, trainer.rewards.timed = None, False
-    out = {"epoch_s": seconds, **{f"{k}_s": split.get(k, 0.0) for k in ("rollout", "reward", "advantage", "update")},
-           "reward_busy_s": trainer.rewards.busy_s, "trained_samples": record["trained_samples"],
+    trainer.config = config
+    out = {"epoch_s": seconds,
+           **{f"{k}_s": timer.seconds.get(k, 0.0) for k in ("rollout", "reward", "advantage", "update")},
+           "reward_busy_s": timer.reward_busy_s, "trained_samples": record["trained_samples"],
            "reward_mean": record["reward_mean"], "loss": record.get("loss")}
     if device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     return out
 
 
-def _snapshot(trainer: GRPOTrainer) -> dict:
-    """The training state an epoch changes (trainable weights, AdamW state, counters, EMA), to run the baseline on
-    exactly the epoch the default path ran."""
-    return {"params": [p.detach().clone() for p in trainer.params],
-            "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
-            "steps": trainer.optimizer_steps, "skipped": trainer.skipped_updates.clone(),
-            "ema": [t.clone() for t in trainer.ema.shadow] if trainer.ema is not None else None}
-
-
-def _restore(trainer: GRPOTrainer, state: dict) -> None:
-    with torch.no_grad():
-        for p, saved in zip(trainer.params, state["params"], strict=True):
-            p.copy_(saved)
-    trainer.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
-    trainer.optimizer_steps, trainer.skipped_updates = state["steps"], state["skipped"].clone()
-    if trainer.ema is not None:
-        trainer.ema.shadow = [t.clone() for t in state["ema"]]
-
-
 def measure(recipe: dict, score: SwitchableReward, device: torch.device, run_dir: str) -> list[dict]:
     trainer = build_trainer(recipe, score, device, run_dir)
-    cfg = trainer.cfg
+    cfg = trainer.config
     samples = cfg.prompts_per_epoch * cfg.group_size
     wan = trainer.policy.module.config
     branches = 2  # CFG: conditional + negative prompt
@@ -233,9 +234,9 @@ def measure(recipe: dict, score: SwitchableReward, device: torch.device, run_dir
     rows = []
     for rep in range(REPETITIONS):
         pair = {}
-        state = _snapshot(trainer)
+        state = copy.deepcopy(trainer.state_dict())
         for mode in MODES:
-            _restore(trainer, state)  # both modes train the same epoch from the same weights
+            trainer.load_state_dict(state)  # both modes train the same epoch from the same weights
             result = run_epoch(trainer, cfg, score, mode, 1 + rep)
             flops = result["trained_samples"] * cfg.num_trained_steps * update_flops_per_sample_step
             row = {"reward_model": score.name, "mode": mode, "rep": rep, "samples": samples, **result,
@@ -254,7 +255,7 @@ def measure(recipe: dict, score: SwitchableReward, device: torch.device, run_dir
         for r in rows:
             if r["mode"] == mode:
                 r["spread"] = spread
-    trainer.rewards.close()
+    trainer.reward_worker.close()
     return rows
 
 
@@ -289,7 +290,8 @@ def main(quick: bool = False) -> list[dict]:
     extra = {"recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()},
              "cfg": 4.5, "trained_steps": GRPOConfig.from_name("vace-1.3b", num_steps=recipe["num_steps"])
              .num_trained_steps, "kl_beta": 0.004, "repetitions": REPETITIONS,
-             "modes": {m: dataclasses.asdict(f) for m, f in MODES.items()},
+             "modes": {m: {**dataclasses.asdict(f), "eager_kernels": KERNELS[m] == "reference"}
+                       for m, f in MODES.items()},
              "vlm_reward": "qwen2.5-vl-" + recipe["vlm"] if vlm else ("skipped: not chosen" if "vlm" not in chosen
                                                                  else "skipped: `tokenizers` is not importable"),
              "flop_convention": "update: 2 x bench.dit.forward_flops per CFG branch x trained samples x trained "

@@ -14,11 +14,12 @@ Stages (tqdm progress per stage on rank 0), all written to --run-dir:
 3. the compact identity reward model (`idgrpo.reward.model`) trained with the BTT loss on the distortion pairs and
    on annotated pairs of the pretrained policy's own samples (Note [annotated pairs]); held-out pairwise accuracy on
    non-tie pairs of both kinds (source scenes never seen in training).
-4. GRPO (`idgrpo.rl.trainer.GRPOTrainer`: SDE rollouts, group advantages, clipped loss, KL to the LoRA-free policy)
+4. GRPO (`idgrpo.rl.GRPOTrainer.train`: SDE rollouts, group advantages, clipped loss, KL to the LoRA-free policy)
    on LoRA adapters, with the trained reward model as the reward.
 5. before/after on held-out scenes: learned reward and oracle identity consistency (`idgrpo.synth.oracle`, pixels
-   vs. references inside the known boxes); reward_curve.png, before/after GIFs, before_after.png (references, then
-   every frame before and after, per held-out scene), summary.json, a printed table.
+   vs. references inside the known boxes); reward_curve.png (training reward, KL and clipped fraction per epoch),
+   before/after GIFs, before_after.png (references, then every frame before and after, per held-out scene),
+   summary.json, a printed table.
 
 Note [trivial latent]: at 32x32 pixels no VAE is needed. The "latent" is the video in [-1, 1] folded by a
 pixel-unshuffle of `pixel_stride` (32x32x3 -> 8x8x48 at stride 4), one latent frame per video frame (no temporal
@@ -456,6 +457,13 @@ def concat_pairs(*sets):
                           else [x for t in sets for x in getattr(t, f.name)] for f in dataclasses.fields(PairTensors)})
 
 
+def warmup_cosine(step: int, total: int, *, warmup: int, floor: float = 0.05) -> float:
+    """The learning-rate multiplier of optimizer step `step` (0-based) of `total`: a linear warm-up over `warmup`
+    steps times a cosine from 1 down to `floor` at the last step."""
+    return min(1.0, (step + 1) / max(1, warmup)) * (
+        floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))))
+
+
 def train_reward_model(cfg: DemoConfig, train, held_out, bar):
     """BTT training of the compact reward model on in-memory pairs; returns (model, held-out metrics)."""
     from idgrpo.reward.losses import btt_loss
@@ -482,10 +490,8 @@ def train_reward_model(cfg: DemoConfig, train, held_out, bar):
             # The same mirror for both videos of a pair and their references (identity-preserving).
             frames = torch.where(flip, frames.flip(-2), frames)
             refs = torch.where(flip, refs.flip(-2), refs)
-            lr_scale = min(1.0, (step + 1) / max(1, total // 20)) * (0.05 + 0.95 * 0.5 * (1 + math.cos(
-                math.pi * step / total)))
             for group in optimizer.param_groups:
-                group["lr"] = cfg.reward_lr * lr_scale
+                group["lr"] = cfg.reward_lr * warmup_cosine(step, total, warmup=total // 20)
             reward = model(frames, refs)["reward"]
             loss = btt_loss(reward[:len(index)], reward[len(index):], train.labels[index], k=cfg.ties_k)
             optimizer.zero_grad(set_to_none=True)
@@ -544,9 +550,8 @@ def pretrain_policy(cfg: DemoConfig, policy, rows: list[DemoRow], targets: list[
         noise = torch.randn(x0.shape, generator=generator)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
-        lr_scale = min(1.0, (step + 1) / 20) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / cfg.pretrain_steps)))
         for group in optimizer.param_groups:
-            group["lr"] = cfg.pretrain_lr * lr_scale
+            group["lr"] = cfg.pretrain_lr * warmup_cosine(step, cfg.pretrain_steps, warmup=20)
         velocity = policy(xt, sigma * 1000, constant_context(len(index)), vace_context=vace)
         loss = (velocity - (noise - x0)).square().mean()
         optimizer.zero_grad(set_to_none=True)
@@ -619,21 +624,21 @@ def latent_shape_of(cfg: DemoConfig) -> tuple[int, int, int, int]:
 
 
 def grpo_config(cfg: DemoConfig):
+    """The GRPO algorithm settings of stage 4 (the policy, video size and CFG-free conditioning are the demo's own)."""
     from idgrpo.rl.config import GRPOConfig
 
     return GRPOConfig(
-        model="tiny", height=cfg.frame_size, width=cfg.frame_size, num_frames=cfg.num_frames,
-        num_steps=cfg.num_steps, shift=cfg.shift, grid="diffusers", guidance=1.0, group_size=cfg.group_size,
+        num_steps=cfg.num_steps, shift=cfg.shift, grid="diffusers", group_size=cfg.group_size,
         # One rollout forward for a rank's whole epoch and micro-batches of a group: on a CPU, bigger matmuls use the
         # cores better (9.6 -> 7.0 s per epoch in the full demo on 2 cores, against batches of 8 and 4); the samples
         # do not depend on the batching.
         prompts_per_epoch=cfg.prompts_per_epoch, rollout_batch_size=cfg.prompts_per_epoch * cfg.group_size,
         sde_window_size=cfg.sde_window_size, timestep_fraction=1.0, lr=cfg.grpo_lr, clip_range=cfg.clip_range,
-        adv_clip=5.0, kl_beta=cfg.kl_beta, lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), ema_decay=0.0,
+        adv_clip=5.0, kl_beta=cfg.kl_beta, ema_decay=0.0,
         updates_per_epoch=cfg.updates_per_epoch, train_batch_size=cfg.group_size,
         shared_initial_noise=cfg.shared_initial_noise,
         epochs=cfg.grpo_epochs, eval_every=0, eval_steps=cfg.num_steps, eval_solver="euler",
-        save_every=cfg.grpo_epochs, resume=False, compute_dtype="float32", seed=cfg.seed, reward="",
+        save_every=cfg.grpo_epochs, resume=False, compute_dtype="float32", seed=cfg.seed,
         run_dir=str(cfg.run_dir / "grpo"))
 
 
@@ -675,7 +680,8 @@ def demo(config: Annotated[DemoConfig, tyro.conf.arg(name="")]) -> int:
     from idgrpo.models.lora import apply_lora, mark_only_lora_trainable
     from idgrpo.reward.distortions import SourceVideo, make_pairs
     from idgrpo.reward.train import format_metric
-    from idgrpo.rl.trainer import GRPOTrainer, write_curve_png
+    from idgrpo.rl.plots import plot_training
+    from idgrpo.rl.trainer import GRPOTrainer
     from idgrpo.synth import World, WorldConfig
 
     cfg = config
@@ -789,20 +795,16 @@ def demo(config: Annotated[DemoConfig, tyro.conf.arg(name="")]) -> int:
     grpo = grpo_config(cfg)
     trainer = GRPOTrainer(grpo, policy, score=score, decode=lambda z: decode_latents(z, cfg.pixel_stride),
                           build_conditioning=conditioning_builder(cfg, device), latent_shape=latent_shape_of(cfg),
-                          train_rows=grpo_rows, lora=True, run_dir=run_dir / "grpo",
-                          log=lambda msg: None)
+                          train_rows=grpo_rows, lora=True, log=lambda msg: None)
     bar = progress(total=cfg.grpo_epochs, desc="4/5 GRPO", rank=rank, leave=True)
-    history = []
-    for epoch in range(cfg.grpo_epochs):
-        record = trainer.train_epoch(epoch)
-        trainer.history.append(record)
-        trainer.epoch = epoch + 1
-        history.append(record)
+
+    def advance(trainer, record):
         bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
         bar.update(1)
+
+    # Writes grpo/: metrics.jsonl, the checkpoint and the LoRA in the PEFT format at the end, the trainer's plot.
+    history = trainer.train(on_epoch_end=advance)
     bar.close()
-    trainer.rewards.close()
-    trainer.save()  # a collective: checkpoint, LoRA in the PEFT format (grpo/lora), the trainer's own curve
     timings["grpo_s"] = time.monotonic() - t0
 
     # -- 5. before / after -------------------------------------------------------------------------------------------
@@ -838,8 +840,10 @@ def demo(config: Annotated[DemoConfig, tyro.conf.arg(name="")]) -> int:
         from idgrpo.media import write_image, write_video
 
         (run_dir / "summary.json").write_text(strict_json(summary, indent=1))
-        curve = [{"epoch": h["epoch"], "reward_mean": h["reward_mean"]} for h in history]
-        write_curve_png(run_dir / "reward_curve.png", curve)
+        try:
+            plot_training(history, run_dir / "reward_curve.png", title="idgrpo demo: GRPO on the synthetic world")
+        except Exception as e:  # noqa: BLE001 - the run's results are written; a plot is not worth failing it
+            print(f"demo: could not write reward_curve.png: {type(e).__name__}: {e}", flush=True)
         shown = range(min(cfg.gif_videos, len(eval_rows)))
         write_image(run_dir / "before_after.png", contact_sheet(
             [(torch.cat(eval_rows[i].references, 1), before["videos"][i], after["videos"][i]) for i in shown]))

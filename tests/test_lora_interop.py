@@ -189,11 +189,11 @@ def test_we_load_the_lora_diffusers_saves_and_need_alpha_without_its_metadata(ba
 
 
 def test_grpo_run_exports_policy_and_ema_adapters_that_peft_and_diffusers_load(tmp_path):
-    from idgrpo.rl.config import GRPOConfig
+    from idgrpo.rl.config import RecipeConfig
     from idgrpo.rl.recipe import build_trainer
 
     run = tmp_path / "run"
-    config = GRPOConfig.from_name("tiny", model="tiny", lora_rank=4, lora_alpha=12.0, ema_decay=0.9, kl_beta=0.004,
+    config = RecipeConfig.from_name("tiny", model="tiny", lora_rank=4, lora_alpha=12.0, ema_decay=0.9, kl_beta=0.004,
                                   reference="lora", run_dir=str(run), resume=False)
     trainer = build_trainer(config)
     randomise(trainer.params, seed=5)  # the trained adapters (B is zero at the start)

@@ -11,9 +11,9 @@ import torch
 from idgrpo.models.conditioning import fit_on_white
 from idgrpo.models.lora import apply_lora, lora_state_dict, save_peft
 from idgrpo.models.wan_dit import WanConfig, WanDiT
-from idgrpo.rl.config import GRPOConfig
+from idgrpo.rl.config import RecipeConfig
+from idgrpo.rl.ema import EMA
 from idgrpo.rl.recipe import build_trainer, diffusers_reference_image, pil_lanczos_resize
-from idgrpo.rl.trainer import EMA
 
 
 def official_ema_run(snapshots, *, epochs, micro_batches, steps_per_epoch, decay=0.9, interval=8, timesteps=3):
@@ -90,15 +90,17 @@ def test_interval_ema_is_one_lerp_per_interval():
 def test_vace_preset_carries_the_official_dgx_configuration():
     gpus, videos_per_gpu, batches_per_epoch, group = 4, 4, 8, 8  # scripts/single_node/train.sh, config/dgx.py
     accumulation = batches_per_epoch // 2  # train.gradient_accumulation_steps, in micro-batches
-    cfg = GRPOConfig.from_name("vace-1.3b")
-    assert cfg.group_size == group
-    assert cfg.prompts_per_epoch == gpus * videos_per_gpu * batches_per_epoch // group
-    assert cfg.updates_per_epoch == batches_per_epoch // accumulation
-    assert (cfg.ema_schedule, cfg.ema_every, cfg.ema_repeats, cfg.ema_decay) == ("identity_grpo", 8, accumulation, 0.9)
-    assert (cfg.eval_solver, cfg.eval_steps, cfg.eval_size) == ("euler", 50, (480, 832, 81))
+    cfg = RecipeConfig.from_name("vace-1.3b")
+    grpo = cfg.grpo
+    assert grpo.group_size == group
+    assert grpo.prompts_per_epoch == gpus * videos_per_gpu * batches_per_epoch // group
+    assert grpo.updates_per_epoch == batches_per_epoch // accumulation
+    assert (grpo.ema_schedule, grpo.ema_every, grpo.ema_repeats, grpo.ema_decay) == ("identity_grpo", 8, accumulation,
+                                                                                      0.9)
+    assert (grpo.eval_solver, grpo.eval_steps, cfg.eval_size) == ("euler", 50, (480, 832, 81))
     assert cfg.vae_dtype == "float32" and cfg.diffusers_ref_resize and cfg.init_lora is None
-    tiny = GRPOConfig.from_name("tiny")  # the CPU demo keeps its own schedule and evaluates at the training size
-    assert tiny.ema_schedule == "interval" and tiny.ema_repeats == 1
+    tiny = RecipeConfig.from_name("tiny")  # the CPU demo keeps its own schedule and evaluates at the training size
+    assert tiny.grpo.ema_schedule == "interval" and tiny.grpo.ema_repeats == 1
     assert tiny.eval_size == (tiny.height, tiny.width, tiny.num_frames)
 
 
@@ -107,14 +109,14 @@ def test_vace_preset_carries_the_official_dgx_configuration():
     ("eval_width", 0, "eval_width"), ("eval_num_frames", 10, "eval_num_frames"), ("vae_dtype", "float16", "vae_dtype"),
     ("diffusers_ref_resize", "yes", "diffusers_ref_resize"), ("init_lora", "some/lora", "init_lora")])
 def test_new_settings_are_validated(field, value, message):
-    GRPOConfig.from_name("tiny", model="tiny", lora_rank=4, eval_height=32, eval_num_frames=9, init_lora="some/lora")
+    RecipeConfig.from_name("tiny", model="tiny", lora_rank=4, eval_height=32, eval_num_frames=9, init_lora="some/lora")
     with pytest.raises(ValueError, match=message):
-        GRPOConfig.from_name("tiny", **{field: value})  # the tiny preset's toy policy has no LoRA to start from
+        RecipeConfig.from_name("tiny", **{field: value})  # the tiny preset's toy policy has no LoRA to start from
 
 
 def test_the_toy_policy_evaluates_at_its_training_size():
     with pytest.raises(ValueError, match="toy policy"):
-        GRPOConfig.from_name("tiny", eval_height=32)
+        RecipeConfig.from_name("tiny", eval_height=32)
 
 
 # ---------------------------------------------------------------------------------------------- reference images
@@ -169,7 +171,7 @@ def test_reference_already_a_multiple_of_8_is_untouched():
 
 
 def test_evaluation_runs_at_its_own_video_size(tmp_path):
-    cfg = GRPOConfig.from_name("tiny", model="tiny", lora_rank=4, lora_alpha=4.0, eval_videos=1, eval_steps=2,
+    cfg = RecipeConfig.from_name("tiny", model="tiny", lora_rank=4, lora_alpha=4.0, eval_videos=1, eval_steps=2,
                                eval_height=32, eval_width=48, eval_num_frames=9, ema_schedule="identity_grpo",
                                ema_every=1, ema_repeats=3, run_dir=str(tmp_path), resume=False)
     trainer = build_trainer(cfg)
@@ -195,7 +197,7 @@ def test_training_starts_from_the_given_lora(tmp_path):
         for tensor in lora_state_dict(source).values():
             tensor.normal_(0, 0.1)
     save_peft(source, tmp_path / "lora")
-    cfg = GRPOConfig.from_name("tiny", model="tiny", lora_rank=8, init_lora=str(tmp_path / "lora"), epochs=1,
+    cfg = RecipeConfig.from_name("tiny", model="tiny", lora_rank=8, init_lora=str(tmp_path / "lora"), epochs=1,
                                run_dir=str(tmp_path / "run"), resume=False, num_steps=2, eval_every=0)
     trainer = build_trainer(cfg)
     trained = trainer.policy.full_state_dict(trainable_only=True)  # only the adapters train

@@ -1,6 +1,7 @@
-"""The benchmark's baseline mode (`GRPOConfig.baseline`, `BaselineFlags`): every switch changes how an epoch is
+"""The benchmark's baseline mode (`BaselineFlags`, passed to `train_epoch`): every switch changes how an epoch is
 computed, never what. A tiny seeded run (tiny Wan DiT + LoRA, CFG, KL against the adapters-off reference) with every
-switch on gives the default run's rewards, losses, KL and weights; a spy shows each switch is really in force."""
+switch on gives the default run's rewards, losses, KL and weights; a spy shows each switch is really in force, for
+that epoch only, and that the trainer leaves the process-wide kernel switch alone."""
 
 import dataclasses
 import os
@@ -12,25 +13,25 @@ import torch
 from idgrpo.kernels.backend import ENV_VAR
 from idgrpo.models.lora import apply_lora, mark_only_lora_trainable
 from idgrpo.models.wan_dit import WanAttention, WanConfig, WanDiT
-from idgrpo.rl import trainer as trainer_module
-from idgrpo.rl.config import BaselineFlags, GRPOConfig
+from idgrpo.rl import BaselineFlags, GRPOTrainer, PhaseTimer, PromptRow, RecipeConfig
+from idgrpo.rl import rollout as rollout_module
+from idgrpo.rl.rollout import mp4_round_trip
 from idgrpo.rl.sampler import cfg_conditioning
 from idgrpo.rl.toy import brightness_score, prompt_context, toy_decode
-from idgrpo.rl.trainer import GRPOTrainer, PhaseTimer, PromptRow, mp4_round_trip
 
 SHAPE = (16, 2, 4, 6)  # (C, F, H, W): odd-sized frames after the toy decode (2 x 4 x 6 pixels per channel)
 COMPARED = ("reward_mean", "reward_std", "loss", "kl", "clipfrac", "approx_kl", "grad_norm",
             "max_abs_ratio_minus_1_before_update")
 
 
-def make_trainer(tmp_path, baseline: BaselineFlags, policy_spy=None, score=brightness_score):
+def make_trainer(tmp_path, policy_spy=None, score=brightness_score):
     # adam_eps 1e-3: AdamW's first step is ~lr·sign(g), which turns float rounding on a near-zero gradient element
     # into a whole step; a large epsilon keeps the update proportional to the gradient, so comparing weights
     # compares the gradients the two modes computed.
-    config = GRPOConfig.from_name("tiny", model="tiny", num_steps=3, guidance=4.5, prompts_per_epoch=2, group_size=2,
-                                  rollout_batch_size=2, train_batch_size=1, kl_beta=0.05, reference="lora",
-                                  lora_rank=4, lora_alpha=4.0, lr=3e-2, adam_eps=1e-3, clip_range=0.2, epochs=2,
-                                  eval_every=0, resume=False, run_dir=str(tmp_path), baseline=baseline)
+    config = RecipeConfig.from_name("tiny", model="tiny", num_steps=3, guidance=4.5, prompts_per_epoch=2,
+                                    group_size=2, rollout_batch_size=2, train_batch_size=1, kl_beta=0.05,
+                                    reference="lora", lora_rank=4, lora_alpha=4.0, lr=3e-2, adam_eps=1e-3,
+                                    clip_range=0.2, epochs=2, eval_every=0, resume=False, run_dir=str(tmp_path))
     torch.manual_seed(0)
     wan = WanConfig.from_name("tiny")
     policy = WanDiT(wan).init_weights()
@@ -44,16 +45,17 @@ def make_trainer(tmp_path, baseline: BaselineFlags, policy_spy=None, score=brigh
         return cfg_conditioning({"context": context}, {"context": -context}, config.guidance)
 
     rows = [PromptRow(f"prompt {i}") for i in range(3)]
-    return GRPOTrainer(config, policy, score=score, decode=lambda x: toy_decode(x * 4.0),
+    return GRPOTrainer(config.grpo, policy, score=score, decode=lambda x: toy_decode(x * 4.0),
                        build_conditioning=build, latent_shape=SHAPE, train_rows=rows, log=lambda m: None)
 
 
-def test_every_baseline_switch_on_computes_the_same_training(tmp_path):
-    fast = make_trainer(tmp_path / "fast", BaselineFlags())
+def test_every_baseline_switch_on_computes_the_same_training(tmp_path, monkeypatch):
+    fast = make_trainer(tmp_path / "fast")
     initial = {k: v.clone() for k, v in fast.policy.full_state_dict(trainable_only=True).items()}
-    fast_history = fast.train()
-    slow = make_trainer(tmp_path / "slow", BaselineFlags.all_on())
-    slow_history = slow.train()
+    fast_history = [fast.train_epoch(epoch) for epoch in range(2)]
+    slow = make_trainer(tmp_path / "slow")
+    monkeypatch.setenv(ENV_VAR, "reference")  # the benchmark's eager kernels: its own, process-wide switch
+    slow_history = [slow.train_epoch(epoch, baseline=BaselineFlags.all_on()) for epoch in range(2)]
     assert len(fast_history) == len(slow_history) == 2
     for a, b in zip(fast_history, slow_history, strict=True):
         assert a["trained_samples"] == b["trained_samples"] == 4
@@ -87,18 +89,18 @@ def test_each_switch_is_in_force_during_the_baseline_epoch(tmp_path, monkeypatch
         score_threads.append(threading.current_thread() is threading.main_thread())
         return brightness_score(frames)
 
-    monkeypatch.setattr(trainer_module, "mp4_round_trip", counting_round_trip)
+    monkeypatch.setattr(rollout_module, "mp4_round_trip", counting_round_trip)
     monkeypatch.delenv(ENV_VAR, raising=False)
 
-    trainer = make_trainer(tmp_path, BaselineFlags.all_on(), policy_spy=None, score=score)
+    trainer = make_trainer(tmp_path, policy_spy=None, score=score)
     trainer.policy.module.register_forward_pre_hook(spy, with_kwargs=True)
-    trainer.timer = PhaseTimer(trainer.device)
-    trainer.train_epoch(0)
+    timer = PhaseTimer(trainer.device)
+    trainer.train_epoch(0, baseline=BaselineFlags.all_on(), timer=timer)
     # Two prompts x G 2 = 4 samples in 2 rollout batches of 2; 3 steps, all trained (tiny preset fraction 1.0).
     rollout = [c for c in calls if not c["grad"]]
     train = [c for c in calls if c["grad"]]
     assert {c["batch"] for c in calls} == {1, 2}  # never the batched 2B CFG forward
-    assert {c["impl"] for c in calls} == {"sdpa"} and {c["kernels"] for c in calls} == {"reference"}
+    assert {c["impl"] for c in calls} == {"sdpa"} and {c["kernels"] for c in calls} == {None}
     # rollout: 2 batches x 3 steps x 2 branches, no reference forward; update: 4 samples x 3 steps x 2 branches,
     # plus as many reference forwards (no grad) for the KL anchor at train time.
     assert len(train) == 4 * 3 * 2
@@ -106,11 +108,10 @@ def test_each_switch_is_in_force_during_the_baseline_epoch(tmp_path, monkeypatch
     assert round_trips == [(2, 2, 4, 6, 3)] * 2
     assert score_threads == [True, True]  # synchronous: on the main thread
     assert os.environ.get(ENV_VAR) is None and trainer.policy.module.config.attention_impl == "idgrpo"  # restored
-    assert set(trainer.timer.seconds) == {"rollout", "reward", "advantage", "update"}
+    assert set(timer.seconds) == {"rollout", "reward", "advantage", "update"} and timer.reward_busy_s > 0
 
     # Default mode: one batched CFG forward per step, the anchor from the rollout, reward on the worker thread.
     calls.clear(), round_trips.clear(), score_threads.clear()
-    trainer.cfg = dataclasses.replace(trainer.cfg, baseline=BaselineFlags())
     trainer.train_epoch(1)
     assert {c["batch"] for c in calls if not c["grad"]} == {4}  # 2 branches x rollout batch 2
     assert {c["batch"] for c in calls if c["grad"]} == {2}  # 2 branches x micro-batch 1

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from idgrpo.models.lora import apply_lora, mark_only_lora_trainable
-from idgrpo.rl.config import GRPOConfig
+from idgrpo.rl import GRPOConfig, GRPOTrainer, PromptRow
 from idgrpo.rl.toy import ToyFlowPolicy, brightness_score, toy_conditioning, toy_decode
-from idgrpo.rl.trainer import GRPOTrainer, PromptRow
 from idgrpo.testing import run_distributed
 
 SHAPE = (4, 2, 8, 8)
@@ -24,7 +23,7 @@ def _train(run_dir, lora: bool, epochs: int = 3, resume: bool = False, updates: 
            accumulation: str = "auto") -> dict:
     cfg = GRPOConfig.from_name("tiny", run_dir=run_dir, resume=resume, epochs=epochs, eval_every=0, save_every=1000,
                                prompts_per_epoch=2, group_size=4, rollout_batch_size=2, train_batch_size=1,
-                               kl_beta=0.004, reference="lora", guidance=2.0, inner_epochs=2,
+                               kl_beta=0.004, reference="lora", inner_epochs=2,
                                updates_per_epoch=updates, shared_initial_noise=shared,
                                grad_accumulation=accumulation)
     policy = ToyFlowPolicy(SHAPE, seed=1)
@@ -34,7 +33,7 @@ def _train(run_dir, lora: bool, epochs: int = 3, resume: bool = False, updates: 
         mark_only_lora_trainable(policy)
     rows = [PromptRow(f"prompt {i}") for i in range(4)]
     trainer = GRPOTrainer(cfg, policy, score=_nan_for_prompt_1, decode=toy_decode,
-                          build_conditioning=lambda rs: toy_conditioning([r.prompt for r in rs], cfg.guidance),
+                          build_conditioning=lambda rs: toy_conditioning([r.prompt for r in rs], 2.0),
                           latent_shape=SHAPE, train_rows=rows, log=lambda m: None)
     history = trainer.train()
     state = trainer.policy.full_state_dict(trainable_only=True)

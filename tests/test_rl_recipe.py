@@ -9,10 +9,9 @@ import torch
 from idgrpo.models.lora import apply_lora, mark_only_lora_trainable
 from idgrpo.models.wan_dit import WanConfig, WanDiT
 from idgrpo.models.wan_vae import WanVAE, WanVAEConfig
-from idgrpo.rl.config import GRPOConfig
+from idgrpo.rl import GRPOTrainer, PromptRow, RecipeConfig
 from idgrpo.rl.recipe import load_reward, phantom_conditioning_builder, vace_conditioning_builder
 from idgrpo.rl.toy import brightness_score, prompt_context
-from idgrpo.rl.trainer import GRPOTrainer, PromptRow
 
 
 class HashedText:
@@ -36,7 +35,7 @@ def _rows(n_ref):
 
 def _run(model, wan_name, n_ref, tmp_path):
     torch.manual_seed(0)
-    config = GRPOConfig.from_name("tiny", model=model, height=16, width=16, num_frames=5, num_steps=3,
+    config = RecipeConfig.from_name("tiny", model=model, height=16, width=16, num_frames=5, num_steps=3,
                                   guidance=3.0, guidance_image=2.0, prompts_per_epoch=2, group_size=2,
                                   rollout_batch_size=2, train_batch_size=1, kl_beta=0.004, reference="lora",
                                   lora_rank=4, lora_alpha=4.0, epochs=2, eval_every=0, resume=False,
@@ -57,7 +56,7 @@ def _run(model, wan_name, n_ref, tmp_path):
         decoded.append(tuple(latents.shape))
         return vae.decode_frames(latents)
 
-    trainer = GRPOTrainer(config, policy, score=brightness_score, decode=decode, build_conditioning=build,
+    trainer = GRPOTrainer(config.grpo, policy, score=brightness_score, decode=decode, build_conditioning=build,
                           latent_shape=(16, 2 + n_ref, 2, 2), train_rows=_rows(n_ref), log=lambda m: None)
     history = trainer.train()
     return trainer, history, decoded
@@ -75,7 +74,7 @@ def test_reference_conditioned_grpo_runs_on_tiny_models(model, wan_name, tmp_pat
 
 
 def test_vace_conditioning_layout():
-    config = GRPOConfig.from_name("tiny", height=16, width=16, num_frames=5, guidance=4.5)
+    config = RecipeConfig.from_name("tiny", height=16, width=16, num_frames=5, guidance=4.5)
     vae = WanVAE(WanVAEConfig.from_name("tiny")).eval().requires_grad_(False)
     cond = vace_conditioning_builder(vae, HashedText(32), config, 2)(_rows(2))
     assert len(cond.branches) == 2 and cond.drop_front == 2 and cond.drop_back == 0
@@ -97,17 +96,15 @@ def test_load_reward_resolves_a_factory_and_rejects_bad_specs():
     ("grad_accumulation", "both", "grad_accumulation"), ("adv_std", "batch", "adv_std"),
     ("reference", "ema", "reference"), ("sde_window_size", 9, "SDE window"), ("clip_range", 0.0, "clip_range")])
 def test_config_rejects_bad_settings(field, value, message):
-    from idgrpo.rl.config import GRPOConfig
-
-    GRPOConfig.from_name("tiny", num_steps=8)  # the defaults are valid
+    RecipeConfig.from_name("tiny", num_steps=8)  # the defaults are valid
     with pytest.raises(ValueError, match=message):
-        GRPOConfig.from_name("tiny", num_steps=8, **{field: value})
+        RecipeConfig.from_name("tiny", num_steps=8, **{field: value})
 
 
 def test_vace_references_are_resized_as_diffusers_does_unless_turned_off():
     from idgrpo.rl.recipe import diffusers_reference_image
 
-    config = GRPOConfig.from_name("tiny", height=16, width=16, num_frames=5)
+    config = RecipeConfig.from_name("tiny", height=16, width=16, num_frames=5)
     vae = WanVAE(WanVAEConfig.from_name("tiny")).eval().requires_grad_(False)
     rows = _rows(2)  # references of 12x9 and 16x9 pixels: both resized to multiples of 8 first
     resized = [PromptRow(r.prompt, [diffusers_reference_image(image) for image in r.references]) for r in rows]
@@ -119,7 +116,7 @@ def test_vace_references_are_resized_as_diffusers_does_unless_turned_off():
 
 
 def test_vace_evaluation_runs_at_its_own_video_size(tmp_path):
-    config = GRPOConfig.from_name("tiny", model="vace-1.3b", height=16, width=16, num_frames=5, num_steps=2,
+    config = RecipeConfig.from_name("tiny", model="vace-1.3b", height=16, width=16, num_frames=5, num_steps=2,
                                   eval_steps=2, eval_solver="euler", eval_height=32, eval_width=48,
                                   eval_num_frames=9, eval_videos=0, guidance=3.0, lora_rank=4, lora_alpha=4.0,
                                   reference="lora", run_dir=str(tmp_path), resume=False)
@@ -137,7 +134,7 @@ def test_vace_evaluation_runs_at_its_own_video_size(tmp_path):
         shapes.append(tuple(frames.shape))
         return frames
 
-    trainer = GRPOTrainer(config, policy, score=brightness_score, decode=decode,
+    trainer = GRPOTrainer(config.grpo, policy, score=brightness_score, decode=decode,
                           build_conditioning=vace_conditioning_builder(vae, text, config, 2),
                           latent_shape=(16, 2 + 2, 2, 2), train_rows=_rows(2), eval_rows=_rows(2),
                           eval_latent_shape=(16, 3 + 2, 4, 6),
@@ -145,3 +142,25 @@ def test_vace_evaluation_runs_at_its_own_video_size(tmp_path):
                           log=lambda m: None)
     assert torch.isfinite(torch.tensor(trainer.evaluate(0)))
     assert shapes == [(2, 9, 32, 48, 3)]  # both rows in one batch, at the evaluation size
+
+
+def test_train_grpo_keeps_one_run_per_directory(tmp_path, capsys):
+    """run.json records the settings (docs/reliability.md): a resume may add epochs but not change the algorithm,
+    --no-resume refuses a used directory, --overwrite moves the old run aside."""
+    import json
+
+    from idgrpo.cli import main
+
+    run = tmp_path / "run"
+    args = ["train-grpo", "tiny", "--epochs", "1", "--eval-every", "0", "--num-steps", "2", "--run-dir", str(run)]
+    main(args)
+    assert json.loads((run / "run.json").read_text())["settings"]["grpo"]["lr"] == 3e-2
+    for extra, message in ((["--lr", "0.5"], "--lr: 0.03 -> 0.5"), (["--no-resume"], "already holds a run")):
+        with pytest.raises(SystemExit) as stopped:
+            main([*args, *extra])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
+    main([*args[:3], "2", *args[4:]])  # --epochs 2: resumed after epoch 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    main([*args, "--no-resume", "--overwrite", "--lr", "0.5"])
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len(list(tmp_path.glob("run.replaced-*"))) == 1

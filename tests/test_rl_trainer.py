@@ -1,17 +1,16 @@
-"""The GRPO trainer on the toy flow policy (CPU): on-policy ratio, N ranks = 1 rank, learning, edge cases, resume."""
+"""The GRPO trainer on the toy flow policy (CPU): on-policy ratio, N ranks = 1 rank, learning, edge cases, resume,
+hooks and plots."""
 
 import json
 import math
-import struct
-import zlib
 
 import pytest
 import torch
 
-from idgrpo.rl import read_prompts
-from idgrpo.rl.config import GRPOConfig
+from idgrpo.rl import GRPOConfig, GRPOTrainer, PromptRow, read_prompts
+from idgrpo.rl.data import assign_epoch
 from idgrpo.rl.toy import ToyFlowPolicy, brightness_score, toy_conditioning, toy_decode
-from idgrpo.rl.trainer import GRPOTrainer, PromptRow, _png_bytes, assign_epoch, write_curve_png
+from idgrpo.rl.update import Meters
 
 SHAPE = (4, 2, 8, 8)  # (C, F, H, W) latent of the toy policy
 
@@ -20,10 +19,11 @@ def make_trainer(tmp_path, *, score=brightness_score, rows=4, eval_rows=0, **ove
     settings = dict(run_dir=str(tmp_path), resume=False, epochs=2, eval_every=0, save_every=1000, prompts_per_epoch=2,
                     group_size=4, rollout_batch_size=4, train_batch_size=2)
     settings.update(overrides)
+    guidance = settings.pop("guidance", 1.0)  # the conditioning's, not the algorithm's
     cfg = GRPOConfig.from_name("tiny", **settings)
     prompts = [PromptRow(f"prompt {i}") for i in range(rows)]
     return GRPOTrainer(cfg, ToyFlowPolicy(SHAPE, seed=1), score=score, decode=toy_decode,
-                       build_conditioning=lambda rs: toy_conditioning([r.prompt for r in rs], cfg.guidance),
+                       build_conditioning=lambda rs: toy_conditioning([r.prompt for r in rs], guidance),
                        latent_shape=SHAPE, train_rows=prompts, eval_rows=prompts[:eval_rows], log=lambda m: None)
 
 
@@ -60,8 +60,9 @@ def test_shared_initial_noise_gives_a_group_one_starting_latent_on_any_world_siz
 def test_shared_initial_noise_rollout_starts_each_group_from_one_latent(tmp_path):
     trainer = make_trainer(tmp_path, shared_initial_noise=True, sde_window_size=2, sde_window_start=0,
                            timestep_fraction=1.0)
-    assignment, _, _, data, rewards = trainer.rollout(0)
-    first = data["states"][:, 0]  # x before the first (trained) step = the initial latent
+    rollout = trainer.rollout(0)
+    assignment, rewards = rollout.assignment, rollout.rewards
+    first = rollout.states[:, 0]  # x before the first (trained) step = the initial latent
     rows = torch.tensor(assignment.row_ids)
     for row in set(assignment.row_ids):
         group = first[rows == row]
@@ -115,15 +116,16 @@ def test_reference_means_come_from_the_frozen_copy_during_rollout(tmp_path):
     with torch.no_grad():
         for p in trainer.params:
             p.add_(0.05)  # move the policy away from the copy
-    _, cond, plan, data, _ = trainer.rollout(0)
-    assert data["ref_means"].shape == data["states"][:, 1:].shape
+    rollout = trainer.rollout(0)
+    cond, plan = rollout.conditioning, rollout.plan
+    assert rollout.ref_means.shape == rollout.states[:, 1:].shape
     k = plan.trained[0]
-    sigma, sigma_next, std, t = trainer.steps.at(k, 8)
-    x = data["states"][:, 0]
+    sigma, sigma_next, std, t = trainer.step_schedule.at(k, 8)
+    x = rollout.states[:, 0]
     eps = torch.zeros_like(x)
     ref_mean = grpo_step(x, guided_velocity(trainer.reference, x, t, cond), sigma, sigma_next, std, eps)[2]
     policy_mean = grpo_step(x, guided_velocity(trainer.policy, x, t, cond), sigma, sigma_next, std, eps)[2]
-    torch.testing.assert_close(data["ref_means"][:, 0], ref_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rollout.ref_means[:, 0], ref_mean, rtol=1e-5, atol=1e-5)
     assert (policy_mean - ref_mean).abs().max() > 1e-3
 
 
@@ -194,9 +196,7 @@ def test_a_non_finite_gradient_undoes_the_update(tmp_path):
     moments = [t.clone() for s in trainer.optimizer.state.values() for t in s.values() if t.ndim > 0]
     for p in trainer.params:
         p.grad = torch.full_like(p, float("nan"))
-    from idgrpo.rl.trainer import _Meters
-
-    meters = _Meters(trainer.device)
+    meters = Meters(trainer.device)
     trainer._optimizer_step(meters)
     assert meters.means()["skipped_update"] == 1.0 and int(trainer.skipped_updates) == 1
     for k, v in trainable(trainer).items():
@@ -214,53 +214,113 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     resumed = make_trainer(tmp_path / "b", epochs=4, kl_beta=0.004, reference="lora", resume=True)
     history = resumed.train()
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    logged = [json.loads(line)["epoch"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [0, 1, 2, 3]  # each epoch logged once across the two runs
+    make_trainer(tmp_path / "b", epochs=1).train()  # a fresh run (resume off) in the same directory
+    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 1
     assert [h["reward_mean"] for h in history] == pytest.approx([h["reward_mean"] for h in straight.history],
                                                                 rel=1e-6)
     for k, v in trainable(straight).items():
         torch.testing.assert_close(trainable(resumed)[k], v, rtol=1e-6, atol=1e-7)
 
 
-def test_reward_curve_png_is_a_valid_image(tmp_path):
-    history = [{"epoch": e, "reward_mean": 0.1 * e, **({"eval_reward": 0.2} if e % 2 else {})} for e in range(6)]
-    path = write_curve_png(tmp_path / "curve.png", history, width=64, height=32)
+def _png_size(path) -> tuple[int, int]:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])
-    assert (width, height) == (64, 32)
-    idat = data[data.index(b"IDAT") + 4: data.index(b"IEND") - 8]
-    raw = zlib.decompress(idat)
-    assert len(raw) == 32 * (1 + 64 * 3)
-    assert len(set(raw)) > 3  # white background, black axes, coloured series
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
-def _decode_png(data: bytes) -> torch.Tensor:
-    width, height = struct.unpack(">II", data[16:24])
-    raw = zlib.decompress(data[data.index(b"IDAT") + 4: data.index(b"IEND") - 8])
-    rows = [raw[y * (1 + 3 * width) + 1:(y + 1) * (1 + 3 * width)] for y in range(height)]
-    return torch.tensor([list(r) for r in rows], dtype=torch.uint8).view(height, width, 3)
+def test_training_plot_has_a_panel_per_curve_and_survives_extreme_values(tmp_path):
+    from idgrpo.rl.plots import plot_training
+
+    history = [{"epoch": e, "reward_mean": 0.1 * e, "reward_std": 0.05, "kl": 1e-4 * e, "clipfrac": 0.01 * e,
+                **({"eval_reward": 0.2 * e} if e % 2 else {})} for e in range(6)]
+    width, height = _png_size(plot_training(history, tmp_path / "all.png"))
+    reward_only = [{"epoch": e, "reward_mean": 0.1 * e} for e in range(6)]
+    narrow, same_height = _png_size(plot_training(reward_only, tmp_path / "reward.png"))
+    assert same_height == height and width == 3 * narrow  # one panel per curve family: reward, KL, clip fraction
+    # A reward of 1e38 (the old hand-drawn plot divided by zero on it), NaN/Inf values and a lone epoch still plot.
+    odd = [{"epoch": 0, "reward_mean": 1e38, "reward_std": float("inf"), "kl": float("nan")},
+           {"epoch": 1, "reward_mean": -1e38, "eval_reward": float("inf"), "clipfrac": 0.5}]
+    assert _png_size(plot_training(odd, tmp_path / "odd.png"))[0] == 2 * narrow  # reward and clip fraction
+    assert plot_training([{"epoch": 3, "reward_mean": 1e38}], tmp_path / "one.png") is not None
+    assert plot_training([{"epoch": 0, "reward_mean": float("nan")}], tmp_path / "none.png") is None
 
 
-def test_reward_curve_labels_show_the_range_and_epochs(tmp_path):
-    def curve(scale, name):
-        history = [{"epoch": e, "reward_mean": scale * (e - 2) ** 2 - 1.5, **({"eval_reward": 0.3} if e == 4 else {})}
-                   for e in range(7)]
-        return _decode_png(write_curve_png(tmp_path / name, history).read_bytes())
+def test_a_failing_plot_is_logged_and_counted_and_never_stops_training(tmp_path, monkeypatch):
+    from idgrpo.rl import trainer as trainer_module
 
-    a, b = curve(1.0, "a.png"), curve(3.0, "b.png")
-    assert a.shape == (240, 480, 3)
-    margin_a, margin_b = a[20:200, :30], b[20:200, :30]  # the y labels, left of the axis
-    assert (margin_a.int().sum(-1) == 0).any()  # black label pixels
-    assert not torch.equal(margin_a, margin_b)  # they follow the data (8.5 vs 46.5 at the top)
-    assert torch.equal(a[210:, :], b[210:, :])  # same epochs: same x labels
-    red = (a[..., 0] > 200) & (a[..., 1] < 60)
-    assert red[:12].any()  # the eval series is named in the legend
+    def broken(history, path, **kwargs):
+        raise ZeroDivisionError("float division by zero")
+
+    monkeypatch.setattr(trainer_module, "plot_training", broken)
+    trainer = make_trainer(tmp_path, epochs=2, eval_every=1, eval_rows=1, eval_steps=2, eval_videos=0)
+    lines = []
+    trainer.log = lines.append
+    history = trainer.train()
+    assert len(history) == 2 and trainer.plot_failures == 2  # one per evaluation; the last epoch plots once
+    assert sum("could not write the training plot" in line and "ZeroDivisionError" in line for line in lines) == 2
+
+
+def test_train_calls_the_hooks_and_the_demo_loop_needs_nothing_else(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=3, eval_every=2, eval_rows=2, eval_steps=2, eval_videos=0)
+    seen, evaluations = [], []
+    history = trainer.train(on_epoch_end=lambda t, record: seen.append((t.epoch, record["epoch"])),
+                            on_evaluate=lambda t, epoch, reward: evaluations.append((epoch, reward)))
+    assert seen == [(1, 0), (2, 1), (3, 2)]  # the trainer's epoch counter has advanced when the hook runs
+    assert [e for e, _ in evaluations] == [1, 2]
+    assert [r for _, r in evaluations] == [h["eval_reward"] for h in history if "eval_reward" in h]
+    assert (tmp_path / "reward_curve.png").is_file() and (tmp_path / "checkpoints").is_dir()
+
+
+def test_state_dict_snapshot_replays_the_same_epoch(tmp_path):
+    import copy
+
+    trainer = make_trainer(tmp_path, kl_beta=0.004, reference="lora")
+    trainer.train_epoch(0)
+    snapshot = copy.deepcopy(trainer.state_dict())
+    first = trainer.train_epoch(1)
+    weights = trainable(trainer)
+    trainer.load_state_dict(snapshot)
+    assert trainer.optimizer_steps == snapshot["optimizer_steps"]
+    again = trainer.train_epoch(1)
+    assert again == first
+    for k, v in trainable(trainer).items():
+        torch.testing.assert_close(v, weights[k], rtol=0, atol=0)
+    other = make_trainer(tmp_path / "other", rows=4)
+    with pytest.raises(ValueError, match="does not fit"):
+        other.load_state_dict({**snapshot, "params": [p[:1] for p in snapshot["params"]]})
+
+
+def test_an_update_that_would_leave_weights_non_finite_is_skipped(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.train_epoch(0)
+    before = trainable(trainer)
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = float("inf")  # a finite gradient, an infinite step
+    record = trainer.train_epoch(1)
+    assert record["skipped_update"] == 1.0 and record["skipped_updates_total"] == 1.0
+    for k, v in trainable(trainer).items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    # max_undone_steps in a row stop the run (the engine's NonFiniteGuard, as in train-reward).
+    from idgrpo.engine import NonFiniteError
+
+    stopped = make_trainer(tmp_path / "stopped", updates_per_epoch=2, max_undone_steps=2)
+    for group in stopped.optimizer.param_groups:
+        group["lr"] = float("inf")
+    with pytest.raises(NonFiniteError, match="2 updates in a row were undone.*--max-undone-steps"):
+        stopped.train_epoch(0)
+    assert all(torch.isfinite(v).all() for v in trainable(stopped).values())
 
 
 def test_train_rows_load_their_reference_images(tmp_path):
     """train-grpo reads its CSV with the shared reader (tests/test_prompts.py covers the format); references are
     loaded as uint8 images, absolute paths kept, and a missing one is named with its line."""
+    pytest.importorskip("av")
+    from idgrpo.media import write_image
+
     image = torch.randint(0, 256, (6, 10, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    (tmp_path / "a.png").write_bytes(_png_bytes(image))
+    write_image(tmp_path / "a.png", image)
     csv_path = tmp_path / "train.csv"
     csv_path.write_text(f'ref_paths,prompt\n"a.png;{tmp_path / "b.png"}",two people talk\n,a person walks\n')
     rows = read_prompts(csv_path)
@@ -268,7 +328,6 @@ def test_train_rows_load_their_reference_images(tmp_path):
     assert rows[0].ref_paths == [tmp_path / "a.png", tmp_path / "b.png"] and rows[1].ref_paths == []
     with pytest.raises(FileNotFoundError, match="train.csv line 2: reference image .*b.png not found"):
         read_prompts(csv_path, references="load")
-    pytest.importorskip("av")
     csv_path.write_text("ref_paths,prompt\na.png,one person\n")
     (row,) = read_prompts(csv_path, references="load")
     assert torch.equal(row.references[0], image)

@@ -1,121 +1,53 @@
-"""Configuration of `idgrpo train-grpo`, with the named presets `tiny` (CPU demo), `vace-1.3b` (the Identity-GRPO
-reference recipe) and `phantom-1.3b`; docs/recipe.md maps the official script's settings onto these fields.
+"""Configuration by component: `GRPOConfig` (the algorithm: everything `GRPOTrainer` reads), `RecipeConfig` (what
+`idgrpo train-grpo` needs to build a policy, its data and its reward, holding a `GRPOConfig`) and `BaselineFlags`
+(the end-to-end benchmark's straightforward-implementation switches, passed to `GRPOTrainer.train_epoch`).
 
-    GRPOConfig.from_name("vace-1.3b")                                  # in Python
-    idgrpo train-grpo vace-1.3b --train-csv data/train.csv ...         # on the command line (one preset per subcommand)
+    GRPOConfig(lr=3e-2, group_size=4)                     # your own policy and reward: the algorithm only
+    GRPOConfig.from_name("vace-1.3b")                     # the Identity-GRPO recipe's algorithm settings
+    RecipeConfig.from_name("vace-1.3b", train_csv="data/train.csv", lr=5e-5)   # flat overrides, routed to each part
+    idgrpo train-grpo vace-1.3b --train-csv data/train.csv --lr 5e-5           # the same on the command line
+
+Presets (docs/recipe.md): `tiny` (a CPU run; its policy is the toy flow model, `--model toy`, unless `--model tiny`
+picks the tiny Wan DiT with LoRA), `vace-1.3b` (the Identity-GRPO reference recipe), `phantom-1.3b`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
 
-from idgrpo.rl.sampler import NOISE_SCHEDULES
+import tyro
+
+from idgrpo.errors import UsageError
+from idgrpo.kernels.grpo_loss import SCHEDULES
+from idgrpo.rl.ema import EMA_SCHEDULES
 from idgrpo.rl.schedules import GRIDS
 
 MODELS = ("toy", "tiny", "vace-1.3b", "phantom-1.3b")
-EMA_SCHEDULES = ("interval", "identity_grpo")
+"""`RecipeConfig.model`: the toy flow policy, or a Wan DiT named as `WanConfig.from_name` names it."""
 DTYPES = ("bfloat16", "float32")
 
 
 @dataclass
-class BaselineFlags:
-    """Switches that make the trainer do what the straightforward implementation of the recipe does, for the
-    end-to-end benchmark's baseline (`bench/e2e.py`). Every flag computes the same function as the default path
-    (up to float rounding); it only changes how. All off = the engine's default (fast) path."""
-
-    sdpa_attention: bool = False
-    """Policy attention through torch SDPA (`WanDiT.set_attention_impl("sdpa")`) instead of idgrpo's kernel."""
-    eager_kernels: bool = False
-    """Every idgrpo kernel op (norms, RoPE, GRPO step/loss, group advantage, attention not routed to SDPA) runs its
-    unfused eager PyTorch reference (`IDGRPO_KERNELS=reference` for the duration of the epoch)."""
-    separate_cfg_forwards: bool = False
-    """One policy forward per guidance branch (cond, then uncond) in rollout and training, instead of one forward
-    over the branches batched together."""
-    kl_reference_at_train_time: bool = False
-    """The KL anchor (the SDE mean under the reference policy) is recomputed by a reference forward during the
-    update, instead of being stored by the rollout."""
-    reward_via_files: bool = False
-    """Each decoded sample is written to an mp4 file and read back before scoring (lossless RGB H.264, so the
-    frames, hence the rewards, are unchanged)."""
-    synchronous_reward: bool = False
-    """Decode + score inline after each rollout batch (no worker thread, no overlap with sampling)."""
-
-    @classmethod
-    def all_on(cls) -> BaselineFlags:
-        """Every baseline switch on: the straightforward implementation."""
-        return cls(**{f.name: True for f in dataclasses.fields(cls)})
-
-    @property
-    def active(self) -> bool:
-        """Whether any baseline switch is on."""
-        return any(getattr(self, f.name) for f in dataclasses.fields(self))
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            if not isinstance(getattr(self, f.name), bool):
-                raise ValueError(f"baseline.{f.name} must be a bool, got {getattr(self, f.name)!r}")
-
-
-@dataclass
 class GRPOConfig:
-    """Identity-GRPO training: sampling, grouping, optimisation, evaluation and run bookkeeping."""
+    """Identity-GRPO, the algorithm: sampling, grouping, optimisation, evaluation and run bookkeeping.
 
-    # --- model and data ---------------------------------------------------------------------------------------------
-    model: str = "toy"
-    """Policy: "toy" (a tiny analytic flow model, CPU seconds), "tiny" (the tiny Wan DiT + LoRA),
-    "vace-1.3b" / "phantom-1.3b" (weights from `weights_dir`)."""
-    weights_dir: str | None = None
-    """Directory of the DiT checkpoint (original Wan or diffusers key names); required for the 1.3B models."""
-    vae_path: str | None = None
-    """Wan VAE weights (`Wan2.1_VAE.pth` or safetensors); decodes rollouts for the reward, encodes references."""
-    vae_dtype: str = "float32"
-    """Dtype of the Wan VAE on GPU ("float32", as the Identity-GRPO script keeps it, or "bfloat16": faster, a
-    little less exact); it encodes the references and decodes every rollout. CPU always float32."""
-    init_lora: str | None = None
-    """PEFT LoRA directory (adapter_config.json + adapter_model.safetensors, e.g. the published Identity-GRPO LoRA
-    or this trainer's `lora/` export) to start training from, as the official `train.lora_path`; its rank, alpha
-    and target modules replace `lora_rank` / `lora_alpha`. A checkpoint in `run_dir` (resume) takes precedence."""
-    prompt_cache: str | None = None
-    """Text-embedding cache written by `idgrpo encode-prompts` (umT5 outputs, padded to 512); its negative prompt
-    (Wan's default Chinese one unless changed at encoding time) is the unconditional branch."""
-    train_csv: str | None = None
-    """Training rows in the reference format: columns `ref_paths,prompt`, reference paths separated by `;`."""
-    test_csv: str | None = None
-    """Evaluation rows, same format; evaluated every `eval_every` epochs with fixed noise and the ODE sampler."""
-    reward: str = "idgrpo.rl.toy:brightness_reward"
-    """Reward factory "module:function", called as factory(config, device) -> score(frames, references, prompts).
-    Resolved at run time, so the trainer never imports a reward implementation (DESIGN.md layering). Required
-    (no default) for the 1.3B presets: pass the identity reward model's factory,
-    `idgrpo.reward.factories:compact` (with `--extra reward_checkpoint DIR`) or `idgrpo.reward.factories:vlm`
-    (with `--extra reward_base DIR reward_checkpoint DIR [reward_template FILE]`; docs/recipe.md)."""
-    run_dir: str = "runs/grpo"
-    """Metrics (JSON lines), checkpoints, LoRA (PEFT) + EMA exports, reward curve PNG and sample videos."""
+        config = GRPOConfig(group_size=4, prompts_per_epoch=2, lr=3e-2, epochs=20, run_dir="runs/mine")
+        config = GRPOConfig.from_name("vace-1.3b", epochs=50)     # the reference recipe's algorithm settings
+        trainer = GRPOTrainer(config, my_policy, score=..., decode=..., build_conditioning=..., ...)
 
-    # --- video and sampler ------------------------------------------------------------------------------------------
-    height: int = 240
-    """Video height in pixels (multiple of 16)."""
-    width: int = 416
-    """Video width in pixels (multiple of 16)."""
-    num_frames: int = 33
-    """Frames per video, 4k+1."""
+    Nothing here names a model: `GRPOTrainer` takes any policy and any reward with this config."""
+
+    # --- sampler ----------------------------------------------------------------------------------------------------
     num_steps: int = 25
     """Sampling steps of a training rollout."""
     shift: float = 3.0
     """Flow shift of the σ grid (the diffusers Wan2.1 / VACE scheduler ships 3.0)."""
     grid: str = "diffusers"
     """σ grid: "diffusers" (Identity-GRPO), "wan" (original Wan / Phantom) or "wan_dpm"."""
-    guidance: float = 4.5
-    """Classifier-free guidance scale of rollouts and training (1.0 = CFG-free: one forward per step)."""
-    guidance_image: float = 5.0
-    """Phantom only: the image guidance scale of its three-pass CFG (`guidance` is the text scale)."""
-    diffusers_ref_order: bool = True
-    """VACE: order the reference latents as diffusers' pipeline does (reversed list order, which the Identity-GRPO
-    recipe ran on) rather than the Wan/VACE original's list order (docs/models.md, "VACE context")."""
-    diffusers_ref_resize: bool = True
-    """VACE: first resize each reference image to its size rounded down to multiples of 8 with Lanczos (PIL's
-    filter, reproduced exactly), as diffusers' WanVACEPipeline does before fitting it into the video frame, which
-    the Identity-GRPO recipe ran on. Off: the image is fitted directly (the Wan/VACE original)."""
     noise_schedule: str = "identity_grpo"
     """SDE noise level s_t: "identity_grpo" (sigmas[1]·σ) or "flow_grpo" (noise_level·√(σ/(1−σ)))."""
     noise_level: float = 0.7
@@ -172,10 +104,6 @@ class GRPOConfig:
     """Weight of the KL penalty to the reference policy (0 disables it and the reference forward)."""
     reference: str = "lora"
     """KL reference: "lora" (the policy with its adapters disabled), "copy" (a frozen copy, full fine-tuning)."""
-    lora_rank: int = 32
-    """LoRA rank on the attention projections (0 = full fine-tuning)."""
-    lora_alpha: float = 32.0
-    """LoRA alpha."""
     ema_decay: float = 0.9
     """EMA decay of the trainable weights (0 disables the EMA); the decay actually used at step count g is the
     warm-up min(ema_decay, (1 + g) / (10 + g))."""
@@ -190,6 +118,21 @@ class GRPOConfig:
     """Updates applied at each EMA update point. The official script's EMA runs once per micro-batch with the
     optimizer step count, so each due count is applied once per micro-batch of an optimizer step: 4 in its
     configuration."""
+    grad_accumulation: str = "auto"
+    """How gradients add up over the backwards of one optimizer step (micro-batches x trained steps): "local" (FSDP
+    `no_sync`: an unsharded fp32 gradient per trainable group on every rank, one reduction per optimizer step),
+    "sharded" (a reduce-scatter after every backward into the fp32 gradient shard: 1/N of the memory, one
+    collective per backward) or "auto" (local when the trainable weights are replicated, as LoRA adapters are, or
+    there is one rank; sharded otherwise, so full fine-tuning of a large model never holds a whole fp32 gradient)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in backward (the engine's FSDP option)."""
+    compute_dtype: str = "bfloat16"
+    """Compute dtype of the policy on GPU ("bfloat16" or "float32"; CPU always float32)."""
+    max_undone_steps: int = 20
+    """Stop with an error once this many optimizer steps in a row were undone because the gradient norm or the
+    updated weights were not finite (checked after each epoch; 0 = never stop)."""
+
+    # --- reward -----------------------------------------------------------------------------------------------------
     overlap_reward: bool = True
     """Decode + score each rollout batch on a worker thread (own CUDA stream) while the next batch is sampled.
     Turn off for a reward model that runs collectives (sharded), which must not interleave with the policy's."""
@@ -207,12 +150,6 @@ class GRPOConfig:
     """Sampling steps at evaluation."""
     eval_solver: str = "unipc"
     """ODE solver at evaluation: "unipc" or "euler" (the official script: Euler steps, no noise)."""
-    eval_height: int | None = None
-    """Video height at evaluation (multiple of 16); None: `height`."""
-    eval_width: int | None = None
-    """Video width at evaluation (multiple of 16); None: `width`."""
-    eval_num_frames: int | None = None
-    """Frames per video at evaluation (4k+1); None: `num_frames`."""
     eval_videos: int = 2
     """Sample videos written (mp4 + gif) per evaluation."""
     eval_with_ema: bool = True
@@ -221,83 +158,213 @@ class GRPOConfig:
     """Checkpoint every this many epochs (and at the end)."""
     resume: bool = True
     """Resume from the latest checkpoint in run_dir when there is one."""
-    grad_accumulation: str = "auto"
-    """How gradients add up over the backwards of one optimizer step (micro-batches x trained steps): "local" (FSDP
-    `no_sync`: an unsharded fp32 gradient per trainable group on every rank, one reduction per optimizer step),
-    "sharded" (a reduce-scatter after every backward into the fp32 gradient shard: 1/N of the memory, one
-    collective per backward) or "auto" (local when the trainable weights are replicated, as LoRA adapters are, or
-    there is one rank; sharded otherwise, so full fine-tuning of a large model never holds a whole fp32 gradient)."""
-    activation_checkpointing: bool = False
-    """Recompute each transformer block's activations in backward (the engine's FSDP option)."""
-    compute_dtype: str = "bfloat16"
-    """Compute dtype of the policy on GPU ("bfloat16" or "float32"; CPU always float32)."""
-    extra: dict[str, str] = field(default_factory=dict)
-    """Free-form settings passed to the reward factory (e.g. its checkpoint path): `--extra KEY VALUE [...]`."""
-    baseline: BaselineFlags = field(default_factory=BaselineFlags)
-    """Benchmark baseline switches (all off = the fast path); each computes the same function, only slower."""
+    run_dir: str = "runs/grpo"
+    """Metrics (JSON lines), checkpoints, LoRA (PEFT) + EMA exports, training curves (reward_curve.png) and sample
+    videos."""
 
     def __post_init__(self):
-        if self.model not in MODELS:
-            raise ValueError(f"model={self.model!r}: expected one of {MODELS}")
-        if self.grid not in GRIDS:
-            raise ValueError(f"grid={self.grid!r}: expected one of {GRIDS}")
-        if self.noise_schedule not in NOISE_SCHEDULES:
-            raise ValueError(f"noise_schedule={self.noise_schedule!r}: expected one of {NOISE_SCHEDULES}")
-        if self.adv_std not in ("group", "global"):
-            raise ValueError(f"adv_std={self.adv_std!r}: expected 'group' or 'global'")
-        if self.reference not in ("lora", "copy"):
-            raise ValueError(f"reference={self.reference!r}: expected 'lora' or 'copy'")
-        if self.grad_accumulation not in ("auto", "local", "sharded"):
-            raise ValueError(f"grad_accumulation={self.grad_accumulation!r}: expected 'auto', 'local' or 'sharded'")
-        if self.eval_solver not in ("unipc", "euler"):
-            raise ValueError(f"eval_solver={self.eval_solver!r}: expected 'unipc' or 'euler'")
-        if self.height % 16 or self.width % 16:
-            raise ValueError(f"height/width must be multiples of 16, got {self.height}x{self.width}")
-        if (self.num_frames - 1) % 4:
-            raise ValueError(f"num_frames must be 4k+1, got {self.num_frames}")
-        for name in ("eval_height", "eval_width"):
-            value = getattr(self, name)
-            if value is not None and (value < 16 or value % 16):
-                raise ValueError(f"{name} must be a positive multiple of 16 (or None: the training size), got {value}")
-        if self.eval_num_frames is not None and (self.eval_num_frames < 1 or (self.eval_num_frames - 1) % 4):
-            raise ValueError(f"eval_num_frames must be 4k+1 (or None: num_frames), got {self.eval_num_frames}")
-        if self.model == "toy" and self.eval_size != (self.height, self.width, self.num_frames):
-            raise ValueError(f"the toy policy is built for one latent shape: evaluate it at the training size "
-                             f"{self.height}x{self.width}x{self.num_frames}, not {self.eval_size}")
-        if self.vae_dtype not in DTYPES:
-            raise ValueError(f"vae_dtype={self.vae_dtype!r}: expected one of {DTYPES}")
-        if self.ema_schedule not in EMA_SCHEDULES:
-            raise ValueError(f"ema_schedule={self.ema_schedule!r}: expected one of {EMA_SCHEDULES}")
-        if not isinstance(self.diffusers_ref_resize, bool):
-            raise ValueError(f"diffusers_ref_resize must be a bool, got {self.diffusers_ref_resize!r}")
+        for name, choices in (("grid", GRIDS), ("noise_schedule", SCHEDULES), ("adv_std", ("group", "global")),
+                              ("reference", ("lora", "copy")), ("grad_accumulation", ("auto", "local", "sharded")),
+                              ("eval_solver", ("unipc", "euler")), ("ema_schedule", EMA_SCHEDULES),
+                              ("compute_dtype", DTYPES)):
+            if getattr(self, name) not in choices:
+                raise UsageError(f"{name}={getattr(self, name)!r}: expected one of {choices}")
+        if self.max_undone_steps < 0:
+            raise UsageError(f"max_undone_steps must be >= 0, got {self.max_undone_steps}")
         if self.ema_repeats < 1:
-            raise ValueError(f"ema_repeats must be >= 1, got {self.ema_repeats}")
-        if self.init_lora is not None and (self.model == "toy" or self.lora_rank == 0):
-            raise ValueError(f"init_lora={self.init_lora!r} needs a LoRA policy: model 'tiny', 'vace-1.3b' or "
-                             f"'phantom-1.3b' with lora_rank > 0 (got model {self.model!r}, lora_rank "
-                             f"{self.lora_rank})")
+            raise UsageError(f"ema_repeats must be >= 1, got {self.ema_repeats}")
         if not 0 < self.timestep_fraction <= 1:
-            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+            raise UsageError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         for name in ("num_steps", "group_size", "prompts_per_epoch", "rollout_batch_size", "train_batch_size",
-                     "inner_epochs", "updates_per_epoch", "epochs", "eval_steps"):
+                     "inner_epochs", "updates_per_epoch", "epochs", "eval_steps", "save_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (0 <= self.sde_window_start and self.sde_window_start + max(self.sde_window_size, 0) <= self.num_steps):
-            raise ValueError(f"SDE window [{self.sde_window_start}, +{self.sde_window_size}) is outside "
+            raise UsageError(f"SDE window [{self.sde_window_start}, +{self.sde_window_size}) is outside "
                              f"{self.num_steps} steps")
         for name in ("lr", "clip_range", "adv_clip", "max_grad_norm", "shift"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise UsageError(f"{name} must be a finite number > 0, got {value}")
         if self.kl_beta < 0 or not 0 <= self.ema_decay < 1 or self.ema_every < 1:
-            raise ValueError("kl_beta must be >= 0, ema_decay in [0, 1), ema_every >= 1")
-        if self.reward and ":" not in self.reward:
-            raise ValueError(f"reward={self.reward!r}: expected 'module:function'")
-        if self.model in ("vace-1.3b", "phantom-1.3b") and self.lora_rank == 0 and self.reference == "lora":
-            raise ValueError("full fine-tuning (lora_rank 0) needs reference='copy' for the KL anchor")
+            raise UsageError("kl_beta must be >= 0, ema_decay in [0, 1), ema_every >= 1")
 
     @property
     def num_trained_steps(self) -> int:
         return int(self.num_steps * self.timestep_fraction)
+
+    @staticmethod
+    def from_name(name: str, **overrides) -> GRPOConfig:
+        """The algorithm settings of preset `name` (see `RecipeConfig.from_name` for the whole recipe)."""
+        return dataclasses.replace(_preset(name).grpo, **overrides)
+
+
+@dataclass(frozen=True)
+class BaselineFlags:
+    """The end-to-end benchmark's switches, one epoch at a time.
+
+        trainer.train_epoch(epoch, baseline=BaselineFlags.all_on())                 # the straightforward epoch
+        trainer.train_epoch(epoch, baseline=BaselineFlags(separate_cfg_forwards=True))
+
+    Switches that make a GRPO epoch do what the straightforward implementation of the recipe does, for the
+    end-to-end benchmark's baseline (`bench/e2e.py`), passed to `GRPOTrainer.train_epoch(epoch, baseline=...)`.
+    Every flag computes the same function as the default path (up to float rounding); it only changes how. All off
+    = the engine's default (fast) path.
+
+    The kernels' implementation is not among them: it is process-wide (`IDGRPO_KERNELS`, idgrpo.kernels.backend),
+    and the benchmark sets it around its baseline epochs itself."""
+
+    sdpa_attention: bool = False
+    """Policy attention through torch SDPA (`set_attention_impl("sdpa")` on the policy and a frozen reference copy,
+    for the duration of the epoch) instead of idgrpo's kernel."""
+    separate_cfg_forwards: bool = False
+    """One policy forward per guidance branch (cond, then uncond) in rollout and training, instead of one forward
+    over the branches batched together."""
+    kl_reference_at_train_time: bool = False
+    """The KL anchor (the SDE mean under the reference policy) is recomputed by a reference forward during the
+    update, instead of being stored by the rollout."""
+    reward_via_files: bool = False
+    """Each decoded sample is written to an mp4 file and read back before scoring (lossless RGB H.264, so the
+    frames, hence the rewards, are unchanged)."""
+    synchronous_reward: bool = False
+    """Decode + score inline after each rollout batch (no worker thread, no overlap with sampling)."""
+
+    @classmethod
+    def all_on(cls) -> BaselineFlags:
+        """Every baseline switch on: the straightforward implementation."""
+        return cls(**{f.name: True for f in dataclasses.fields(cls)})
+
+    @property
+    def active(self) -> bool:
+        """Whether any baseline switch is on."""
+        return any(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"baseline.{f.name} must be a bool, got {getattr(self, f.name)!r}")
+
+
+@dataclass
+class RecipeConfig:
+    """`idgrpo train-grpo`: the policy, its data, its reward and the video size, plus the algorithm.
+
+        recipe = RecipeConfig.from_name("tiny", model="tiny", lora_rank=4, epochs=2)   # --model tiny --epochs 2
+        recipe.grpo.epochs                                                             # 2: the algorithm's field
+        trainer = idgrpo.rl.recipe.build_trainer(recipe)                               # policy, data, reward built
+
+    The algorithm is `grpo`, whose fields are flags of their own (`--lr`, not `--grpo.lr`)."""
+
+    # --- policy and data --------------------------------------------------------------------------------------------
+    model: str = "toy"
+    """Policy: "toy" (the toy flow model of `idgrpo.rl.toy`, no LoRA, CPU seconds), "tiny" (the tiny Wan DiT with
+    LoRA, random weights), "vace-1.3b" / "phantom-1.3b" (weights from `weights_dir`, LoRA)."""
+    weights_dir: str | None = None
+    """Directory of the DiT checkpoint (original Wan or diffusers key names); required for the 1.3B models."""
+    vae_path: str | None = None
+    """Wan VAE weights (`Wan2.1_VAE.pth` or safetensors); decodes rollouts for the reward, encodes references."""
+    vae_dtype: str = "float32"
+    """Dtype of the Wan VAE on GPU ("float32", as the Identity-GRPO script keeps it, or "bfloat16": faster, a
+    little less exact); it encodes the references and decodes every rollout. CPU always float32."""
+    init_lora: str | None = None
+    """PEFT LoRA directory (adapter_config.json + adapter_model.safetensors, e.g. the published Identity-GRPO LoRA
+    or this trainer's `lora/` export) to start training from, as the official `train.lora_path`; its rank, alpha
+    and target modules replace `lora_rank` / `lora_alpha`. A checkpoint in `run_dir` (resume) takes precedence."""
+    lora_rank: int = 32
+    """LoRA rank on the attention projections (0 = full fine-tuning)."""
+    lora_alpha: float = 32.0
+    """LoRA alpha."""
+    prompt_cache: str | None = None
+    """Text-embedding cache written by `idgrpo encode-prompts` (umT5 outputs, padded to 512); its negative prompt
+    (Wan's default Chinese one unless changed at encoding time) is the unconditional branch."""
+    train_csv: str | None = None
+    """Training rows in the reference format: columns `ref_paths,prompt`, reference paths separated by `;`."""
+    test_csv: str | None = None
+    """Evaluation rows, same format; evaluated every `eval_every` epochs with fixed noise and the ODE sampler."""
+    reward: str = "idgrpo.rl.toy:brightness_reward"
+    """Reward factory "module:function", called as factory(config, device) -> score(frames, references, prompts)
+    (`idgrpo.rl.RewardFn`). Resolved at run time, so the trainer never imports a reward implementation. Required
+    (no default) for the 1.3B presets: pass the identity reward model's factory,
+    `idgrpo.reward.factories:compact` (with `--extra reward_checkpoint DIR`) or `idgrpo.reward.factories:vlm`
+    (with `--extra reward_base DIR reward_checkpoint DIR [reward_template FILE]`; docs/recipe.md)."""
+    extra: dict[str, str] = field(default_factory=dict)
+    """Free-form settings passed to the reward factory (e.g. its checkpoint path): `--extra KEY VALUE [...]`."""
+
+    # --- video and guidance -----------------------------------------------------------------------------------------
+    height: int = 240
+    """Video height in pixels (multiple of 16)."""
+    width: int = 416
+    """Video width in pixels (multiple of 16)."""
+    num_frames: int = 33
+    """Frames per video, 4k+1."""
+    eval_height: int | None = None
+    """Video height at evaluation (multiple of 16); None: `height`."""
+    eval_width: int | None = None
+    """Video width at evaluation (multiple of 16); None: `width`."""
+    eval_num_frames: int | None = None
+    """Frames per video at evaluation (4k+1); None: `num_frames`."""
+    guidance: float = 4.5
+    """Classifier-free guidance scale of rollouts and training (1.0 = CFG-free: one forward per step)."""
+    guidance_image: float = 5.0
+    """Phantom only: the image guidance scale of its three-pass CFG (`guidance` is the text scale)."""
+    diffusers_ref_order: bool = True
+    """VACE: order the reference latents as diffusers' pipeline does (reversed list order, which the Identity-GRPO
+    recipe ran on) rather than the Wan/VACE original's list order (docs/models.md, "VACE context")."""
+    diffusers_ref_resize: bool = True
+    """VACE: first resize each reference image to its size rounded down to multiples of 8 with Lanczos (PIL's
+    filter, reproduced exactly), as diffusers' WanVACEPipeline does before fitting it into the video frame, which
+    the Identity-GRPO recipe ran on. Off: the image is fitted directly (the Wan/VACE original)."""
+
+    overwrite: bool = False
+    """Start afresh in a `run_dir` that holds another run: its contents are first moved aside, to
+    `<run_dir>.replaced-<date>-<time>` (docs/reliability.md). Without it a used run_dir is resumed, and refused with
+    `--no-resume`."""
+
+    grpo: Annotated[GRPOConfig, tyro.conf.arg(name="")] = field(default_factory=GRPOConfig)
+    """The algorithm (`GRPOConfig`); its fields are flags at the top level."""
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise UsageError(f"model={self.model!r}: expected one of {MODELS}")
+        if self.vae_dtype not in DTYPES:
+            raise UsageError(f"vae_dtype={self.vae_dtype!r}: expected one of {DTYPES}")
+        if self.height % 16 or self.width % 16:
+            raise UsageError(f"height/width must be multiples of 16, got {self.height}x{self.width}")
+        if (self.num_frames - 1) % 4:
+            raise UsageError(f"num_frames must be 4k+1, got {self.num_frames}")
+        for name in ("eval_height", "eval_width"):
+            value = getattr(self, name)
+            if value is not None and (value < 16 or value % 16):
+                raise UsageError(f"{name} must be a positive multiple of 16 (or None: the training size), got {value}")
+        if self.eval_num_frames is not None and (self.eval_num_frames < 1 or (self.eval_num_frames - 1) % 4):
+            raise UsageError(f"eval_num_frames must be 4k+1 (or None: num_frames), got {self.eval_num_frames}")
+        if self.model == "toy" and self.eval_size != (self.height, self.width, self.num_frames):
+            raise UsageError(f"the toy policy is built for one latent shape: evaluate it at the training size "
+                             f"{self.height}x{self.width}x{self.num_frames}, not {self.eval_size}")
+        if not isinstance(self.diffusers_ref_resize, bool):
+            raise UsageError(f"diffusers_ref_resize must be a bool, got {self.diffusers_ref_resize!r}")
+        if self.init_lora is not None and (self.model == "toy" or self.lora_rank == 0):
+            raise UsageError(f"init_lora={self.init_lora!r} needs a LoRA policy: model 'tiny', 'vace-1.3b' or "
+                             f"'phantom-1.3b' with lora_rank > 0 (got model {self.model!r}, lora_rank "
+                             f"{self.lora_rank})")
+        if self.reward and ":" not in self.reward:
+            raise UsageError(f"reward={self.reward!r}: expected 'module:function'")
+        if self.model in ("vace-1.3b", "phantom-1.3b") and self.lora_rank == 0 and self.grpo.reference == "lora":
+            raise UsageError("full fine-tuning (lora_rank 0) needs reference='copy' for the KL anchor")
+        if self.overwrite:
+            run_dir = Path(self.grpo.run_dir).resolve()
+            for name in ("weights_dir", "vae_path", "init_lora", "prompt_cache", "train_csv", "test_csv"):
+                value = getattr(self, name)
+                if value is not None and Path(value).resolve().is_relative_to(run_dir):
+                    raise UsageError(f"--overwrite would move {name} {value} away with the old run in run_dir "
+                                     f"{self.grpo.run_dir}; move it out of run_dir first")
+
+    def run_settings(self) -> dict:
+        """What the run directory records (`run.json`, docs/reliability.md): every setting but those about this
+        invocation (where the run lives, whether to resume or overwrite)."""
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k != "overwrite"}
+        settings["grpo"] = {k: v for k, v in settings["grpo"].items() if k not in ("run_dir", "resume")}
+        return settings
 
     @property
     def eval_size(self) -> tuple[int, int, int]:
@@ -306,38 +373,57 @@ class GRPOConfig:
                 self.eval_num_frames or self.num_frames)
 
     @staticmethod
-    def from_name(name: str, **overrides) -> GRPOConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
+    def from_name(name: str, **overrides: Any) -> RecipeConfig:
+        """Preset `name` with `overrides` by field name, each applied to the component that has the field (the
+        recipe's own fields, or its `grpo` algorithm's); `grpo=` replaces the algorithm whole."""
+        preset = _preset(name)
+        algorithm = {k: overrides.pop(k) for k in list(overrides) if k in _GRPO_FIELDS}
+        unknown = sorted(set(overrides) - _RECIPE_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown} for preset {name!r}: not a field of RecipeConfig or "
+                             f"GRPOConfig")
+        grpo = overrides.pop("grpo", preset.grpo)
+        return dataclasses.replace(preset, grpo=dataclasses.replace(grpo, **algorithm), **overrides)
 
 
-PRESETS: dict[str, GRPOConfig] = {
-    # CPU demo: the toy flow policy, brightness reward, seconds per epoch.
-    "tiny": GRPOConfig(
-        model="toy", height=16, width=16, num_frames=5, num_steps=8, guidance=1.0, group_size=4,
-        prompts_per_epoch=2, rollout_batch_size=4, train_batch_size=2, lr=3e-2, clip_range=0.2, kl_beta=0.0,
-        lora_rank=0, reference="copy", ema_every=1, epochs=20, eval_every=5, eval_steps=8, save_every=5,
-        timestep_fraction=1.0, compute_dtype="float32", run_dir="runs/grpo-tiny",
+_GRPO_FIELDS = frozenset(f.name for f in dataclasses.fields(GRPOConfig))
+_RECIPE_FIELDS = frozenset(f.name for f in dataclasses.fields(RecipeConfig))
+assert not _GRPO_FIELDS & _RECIPE_FIELDS, "a flag name must belong to one component"
+
+
+def _preset(name: str) -> RecipeConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+# The Identity-GRPO reference recipe's algorithm (Wan2.1-VACE-1.3B + LoRA r 32, 25 steps, CFG 4.5), with the
+# official script's dgx configuration on its 4-GPU launch: 16 prompts and 2 optimizer steps per epoch, its EMA
+# schedule, evaluation with 50 Euler steps every 5 epochs. docs/recipe.md lists what differs.
+_IDENTITY_GRPO = GRPOConfig(
+    num_steps=25, shift=3.0, grid="diffusers", group_size=8, prompts_per_epoch=16, updates_per_epoch=2, lr=1e-4,
+    clip_range=1e-3, adv_clip=5.0, kl_beta=0.004, ema_decay=0.9, ema_every=8, ema_schedule="identity_grpo",
+    ema_repeats=4, timestep_fraction=0.99, eval_steps=50, eval_solver="euler", eval_every=5, save_every=5,
+)
+
+PRESETS: dict[str, RecipeConfig] = {
+    # A CPU run in seconds: the toy flow policy (or --model tiny: the tiny Wan DiT + LoRA), brightness reward.
+    "tiny": RecipeConfig(
+        model="toy", height=16, width=16, num_frames=5, guidance=1.0, lora_rank=0,
+        grpo=GRPOConfig(num_steps=8, group_size=4, prompts_per_epoch=2, rollout_batch_size=4, train_batch_size=2,
+                        lr=3e-2, clip_range=0.2, kl_beta=0.0, reference="copy", ema_every=1, epochs=20, eval_every=5,
+                        eval_steps=8, save_every=5, timestep_fraction=1.0, compute_dtype="float32",
+                        run_dir="runs/grpo-tiny"),
     ),
-    # The Identity-GRPO reference recipe (Wan2.1-VACE-1.3B + LoRA r 32, 25 steps, CFG 4.5), with the
-    # official script's dgx configuration on its 4-GPU launch: 16 prompts and 2 optimizer steps per epoch, its EMA
-    # schedule, evaluation with 50 Euler steps at 480x832x81 every 5 epochs. docs/recipe.md lists what differs.
-    "vace-1.3b": GRPOConfig(
-        model="vace-1.3b", height=240, width=416, num_frames=33, num_steps=25, shift=3.0, grid="diffusers",
-        guidance=4.5, group_size=8, prompts_per_epoch=16, updates_per_epoch=2, lora_rank=32, lora_alpha=32.0,
-        lr=1e-4, clip_range=1e-3, adv_clip=5.0, kl_beta=0.004, ema_decay=0.9, ema_every=8,
-        ema_schedule="identity_grpo", ema_repeats=4, timestep_fraction=0.99, eval_steps=50, eval_solver="euler",
-        eval_height=480, eval_width=832, eval_num_frames=81, eval_every=5, save_every=5,
-        reward="", run_dir="runs/grpo-vace-1.3b",
+    "vace-1.3b": RecipeConfig(
+        model="vace-1.3b", height=240, width=416, num_frames=33, guidance=4.5, lora_rank=32, lora_alpha=32.0,
+        eval_height=480, eval_width=832, eval_num_frames=81, reward="",
+        grpo=dataclasses.replace(_IDENTITY_GRPO, run_dir="runs/grpo-vace-1.3b"),
     ),
     # Phantom-Wan-1.3B with the same GRPO settings; its sampler grid is Wan's original, references appended in time.
-    "phantom-1.3b": GRPOConfig(
-        model="phantom-1.3b", height=240, width=416, num_frames=33, num_steps=25, shift=5.0, grid="wan",
-        guidance=7.5, guidance_image=5.0, group_size=8, prompts_per_epoch=16, updates_per_epoch=2, lora_rank=32,
-        lora_alpha=32.0, lr=1e-4, clip_range=1e-3, adv_clip=5.0, kl_beta=0.004, ema_decay=0.9, ema_every=8,
-        ema_schedule="identity_grpo", ema_repeats=4, timestep_fraction=0.99, eval_steps=50, eval_solver="euler",
-        eval_height=480, eval_width=832, eval_num_frames=81, eval_every=5, save_every=5,
-        reward="", run_dir="runs/grpo-phantom-1.3b",
+    "phantom-1.3b": RecipeConfig(
+        model="phantom-1.3b", height=240, width=416, num_frames=33, guidance=7.5, guidance_image=5.0, lora_rank=32,
+        lora_alpha=32.0, eval_height=480, eval_width=832, eval_num_frames=81, reward="",
+        grpo=dataclasses.replace(_IDENTITY_GRPO, shift=5.0, grid="wan", run_dir="runs/grpo-phantom-1.3b"),
     ),
 }

@@ -1,4 +1,5 @@
-"""`idgrpo train-grpo <preset> [flags]`: build the policy, decoder, conditioning and reward of a preset and train.
+"""`idgrpo train-grpo <preset> [flags]`: build the policy, decoder, conditioning and reward of a `RecipeConfig` and
+train.
 
 Usage:
     idgrpo train-grpo tiny                                   # CPU, the toy flow policy + brightness reward
@@ -8,15 +9,19 @@ Usage:
         --prompt-cache cache/prompts.safetensors --reward my_rewards:build --extra checkpoint ckpt/identity-rm
     torchrun --nnodes 2 --node-rank R --master-addr HOST --nproc-per-node 8 -m idgrpo train-grpo phantom-1.3b ...
 
-Models:
-- toy: `idgrpo.rl.toy.ToyFlowPolicy` on a (4, F_lat, H/8, W/8) latent; decode = channels 0..2 as RGB.
-- tiny: the tiny Wan DiT (random init, seeded) with LoRA; prompt embeddings are hashed stand-ins; toy decode.
+Every field of `RecipeConfig` and of its algorithm `GRPOConfig` is a flag (`--model`, `--lr`, ...).
+
+Models (`--model`):
+- toy: `idgrpo.rl.toy.ToyFlowPolicy` on a (4, F_lat, H/8, W/8) latent; decode = channels 0..2 as RGB. The `tiny`
+  preset's default.
+- tiny: the tiny Wan DiT (`WanConfig.from_name("tiny")`, random init, seeded) with LoRA; prompt embeddings are
+  hashed stand-ins; toy decode.
 - vace-1.3b: Wan2.1-VACE-1.3B + LoRA (fresh, or `init_lora`'s); 96-channel VACE context from the references
   (first resized as diffusers' pipeline does; prepended latent slots); text from the `encode-prompts` cache; the Wan
   VAE (`vae_dtype`) decodes rollouts for the reward.
 - phantom-1.3b: Phantom-Wan-1.3B + LoRA; clean reference latents appended in time and re-injected every step;
   three-pass guidance (`guidance` = text scale, `guidance_image`).
-The reward is `config.reward` = "module:function", a factory called as factory(config, device) -> score callable
+The reward is `config.reward` = "module:function", a factory called as factory(config, device) -> `RewardFn`
 (the identity reward model's factory for the 1.3B presets), so `rl` never imports `idgrpo.reward`. Evaluation runs
 at `config.eval_size` with its own conditioning. docs/recipe.md relates every setting to the official script.
 """
@@ -32,9 +37,11 @@ from typing import Annotated
 import torch
 import tyro
 
-from idgrpo.engine import init_distributed
+from idgrpo.engine import init_distributed, open_run
+from idgrpo.errors import flag
 from idgrpo.prompts import PromptRow, read_prompts
-from idgrpo.rl.config import PRESETS, GRPOConfig
+from idgrpo.rl.config import PRESETS, RecipeConfig
+from idgrpo.rl.rollout import RewardFn
 from idgrpo.rl.sampler import cfg_conditioning, phantom_conditioning
 from idgrpo.rl.toy import ToyFlowPolicy, prompt_context, toy_conditioning, toy_decode
 from idgrpo.rl.trainer import GRPOTrainer
@@ -42,8 +49,8 @@ from idgrpo.rl.trainer import GRPOTrainer
 DEMO_PROMPTS = ("a red ball rolls", "two people shake hands", "a cat on a sofa", "waves at sunset")
 
 
-def load_reward(spec: str, config: GRPOConfig, device: torch.device):
-    """Resolve "module:function" and call it as factory(config, device) -> score callable."""
+def load_reward(spec: str, config: RecipeConfig, device: torch.device) -> RewardFn:
+    """Resolve "module:function" and call it as factory(config, device) -> `RewardFn`."""
     if ":" not in spec:
         raise ValueError(f"reward={spec!r}: pass --reward module:function, a factory(config, device) returning "
                          "score(frames, references, prompts) -> (B,)")
@@ -136,7 +143,7 @@ def diffusers_reference_image(image: torch.Tensor) -> torch.Tensor:
     return pil_lanczos_resize(image, h, w)
 
 
-def vace_conditioning_builder(vae, text, config: GRPOConfig, n_ref: int):
+def vace_conditioning_builder(vae, text, config: RecipeConfig, n_ref: int):
     """rows -> Conditioning for Wan-VACE: the 96-channel context from the references (subject-to-video: no source
     video, all-ones mask; references first resized as diffusers does when `config.diffusers_ref_resize`, prepended
     in time, in diffusers' reversed order unless `config.diffusers_ref_order` is off), text from `text.lookup`, the
@@ -159,7 +166,7 @@ def vace_conditioning_builder(vae, text, config: GRPOConfig, n_ref: int):
     return build
 
 
-def phantom_conditioning_builder(vae, text, config: GRPOConfig):
+def phantom_conditioning_builder(vae, text, config: RecipeConfig):
     """rows -> Conditioning for Phantom: clean reference latents appended in time and re-injected at every step,
     three-pass guidance (text scale `config.guidance`, image scale `config.guidance_image`)."""
     from idgrpo.models.conditioning import phantom_reference_latents
@@ -173,7 +180,7 @@ def phantom_conditioning_builder(vae, text, config: GRPOConfig):
     return build
 
 
-def _rows(config: GRPOConfig, path: str | None, *, needs_references: bool) -> list[PromptRow]:
+def _rows(config: RecipeConfig, path: str | None, *, needs_references: bool) -> list[PromptRow]:
     if path is None:
         if needs_references:
             raise ValueError(f"model {config.model!r} needs --train-csv (ref_paths,prompt) with reference images")
@@ -181,11 +188,11 @@ def _rows(config: GRPOConfig, path: str | None, *, needs_references: bool) -> li
     return read_prompts(path, references="load" if needs_references else "paths")
 
 
-def build_trainer(config: GRPOConfig) -> GRPOTrainer:
-    """The trainer of a config: policy + LoRA, decoder, conditioning, reward, data."""
+def build_trainer(config: RecipeConfig) -> GRPOTrainer:
+    """The trainer of a recipe: policy + LoRA, decoder, conditioning, reward, data, and `config.grpo`."""
     info = init_distributed()
     device = info.device
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.grpo.seed)
     needs_refs = config.model in ("vace-1.3b", "phantom-1.3b")
     train_rows = _rows(config, config.train_csv, needs_references=needs_refs)
     eval_rows = _rows(config, config.test_csv, needs_references=needs_refs) if config.test_csv else (
@@ -194,17 +201,17 @@ def build_trainer(config: GRPOConfig) -> GRPOTrainer:
     eval_config = dataclasses.replace(config, height=config.eval_size[0], width=config.eval_size[1],
                                       num_frames=config.eval_size[2])
 
-    def latent_grid(c: GRPOConfig) -> tuple[int, int, int]:
+    def latent_grid(c: RecipeConfig) -> tuple[int, int, int]:
         return (c.num_frames - 1) // 4 + 1, c.height // 8, c.width // 8
 
     if config.model == "toy":
         shape = (4, *latent_grid(config))
-        policy = ToyFlowPolicy(shape, seed=config.seed)
+        policy = ToyFlowPolicy(shape, seed=config.grpo.seed)
 
         def build(rows):
             return toy_conditioning([r.prompt for r in rows], config.guidance, device=device)
 
-        return GRPOTrainer(config, policy, score=score, decode=toy_decode, build_conditioning=build,
+        return GRPOTrainer(config.grpo, policy, score=score, decode=toy_decode, build_conditioning=build,
                            latent_shape=shape, train_rows=train_rows, eval_rows=eval_rows)
 
     from idgrpo.models.lora import apply_lora, load_peft, mark_only_lora_trainable
@@ -233,7 +240,7 @@ def build_trainer(config: GRPOConfig) -> GRPOTrainer:
             context = text([r.prompt for r in rows])
             return cfg_conditioning({"context": context}, {"context": torch.zeros_like(context)}, config.guidance)
 
-        return GRPOTrainer(config, policy, score=score, decode=toy_decode, build_conditioning=build,
+        return GRPOTrainer(config.grpo, policy, score=score, decode=toy_decode, build_conditioning=build,
                            latent_shape=shape, train_rows=train_rows, eval_rows=eval_rows,
                            eval_latent_shape=(wan.in_dim, *latent_grid(eval_config)))
 
@@ -245,7 +252,7 @@ def build_trainer(config: GRPOConfig) -> GRPOTrainer:
     for name in ("weights_dir", "vae_path", "prompt_cache"):
         if getattr(config, name) is None:
             raise ValueError(f"model {config.model!r} needs --{name.replace('_', '-')}")
-    dtype = torch.float32 if device.type == "cpu" else getattr(torch, config.compute_dtype)
+    dtype = torch.float32 if device.type == "cpu" else getattr(torch, config.grpo.compute_dtype)
     policy = load_wan_dit(config.weights_dir, config.model, dtype=torch.float32, device=device)
     add_lora(policy)
     vae_dtype = torch.float32 if device.type == "cpu" else getattr(torch, config.vae_dtype)
@@ -257,35 +264,54 @@ def build_trainer(config: GRPOConfig) -> GRPOTrainer:
                          f"found counts {sorted(n_refs)}")
     n_ref = n_refs.pop()
 
-    def shape_of(c: GRPOConfig) -> tuple[int, int, int, int]:
+    def shape_of(c: RecipeConfig) -> tuple[int, int, int, int]:
         frames, h, w = latent_grid(c)
         return 16, frames + n_ref, h, w
 
     def decode(latents):
         return vae.decode_frames(latents.to(vae.dtype))
 
-    def builder(c: GRPOConfig):
+    def builder(c: RecipeConfig):
         if config.model == "vace-1.3b":
             return vace_conditioning_builder(vae, cache, c, n_ref)
         return phantom_conditioning_builder(vae, cache, c)
 
-    return GRPOTrainer(config, policy, score=score, decode=decode, build_conditioning=builder(config),
+    return GRPOTrainer(config.grpo, policy, score=score, decode=decode, build_conditioning=builder(config),
                        latent_shape=shape_of(config), train_rows=train_rows, eval_rows=eval_rows,
-                       lora=config.lora_rank > 0, compute_dtype=dtype, eval_latent_shape=shape_of(eval_config),
+                       lora=config.lora_rank > 0, eval_latent_shape=shape_of(eval_config),
                        build_eval_conditioning=builder(eval_config))
 
 
 PresetConfig = tyro.extras.subcommand_type_from_defaults(
     {name: dataclasses.replace(cfg) for name, cfg in PRESETS.items()},
-    {"tiny": "CPU demo (toy flow policy or --model tiny)", "vace-1.3b": "the Identity-GRPO reference recipe",
-     "phantom-1.3b": "Phantom-Wan-1.3B with the same GRPO settings"},
+    {"tiny": "A CPU run in seconds: the toy flow policy (--model toy, the default) or, with --model tiny, the tiny "
+             "Wan DiT + LoRA; brightness reward",
+     "vace-1.3b": "The Identity-GRPO reference recipe: Wan2.1-VACE-1.3B + LoRA",
+     "phantom-1.3b": "Phantom-Wan-1.3B + LoRA with the same GRPO settings"},
     prefix_names=False,
 )
 
 
+RESUMABLE_SETTINGS = frozenset(f"grpo.{name}" for name in (
+    "epochs", "eval_every", "eval_videos", "save_every", "max_undone_steps", "max_reward_failures", "overlap_reward",
+    "rollout_batch_size", "train_batch_size", "grad_accumulation", "activation_checkpointing"))
+"""The `run_settings` keys a resumed run may change: how long it runs, what it logs and saves, and how an epoch is
+batched and where its memory goes, never what it computes; any other change is refused (docs/reliability.md)."""
+
+
+def _settings_flag(key: str) -> str:
+    """A `run_settings` key as the flag that sets it: `grpo.lr` -> `--lr`, `extra.reward_checkpoint` ->
+    `--extra reward_checkpoint`."""
+    if key.startswith("extra."):
+        return f"--extra {key.removeprefix('extra.')}"
+    return flag(key.removeprefix("grpo."))
+
+
 def train_grpo(config: Annotated[PresetConfig, tyro.conf.arg(name="")]) -> int:
     """Identity-GRPO training of a Wan2.1 video model (see `idgrpo.rl.recipe`)."""
-    trainer = build_trainer(config)
+    trainer = build_trainer(config)  # reads and checks every input; writes nothing
+    open_run(config.grpo.run_dir, config.run_settings(), mutable=RESUMABLE_SETTINGS, resume=config.grpo.resume,
+             overwrite=config.overwrite, label=_settings_flag, log=trainer.log)
     history = trainer.train()
     if history and trainer.rank == 0:
         last = history[-1]

@@ -33,7 +33,16 @@ from idgrpo.kernels.grpo_loss import grpo_step, sde_noise_std
 from idgrpo.rl.schedules import FlowSchedule
 
 Policy = Callable[..., torch.Tensor]
-NOISE_SCHEDULES = ("identity_grpo", "flow_grpo")
+"""`policy(latents, timestep, **kwargs) -> velocity`: the flow-matching velocity field being trained.
+
+- latents: (B, C, F, H, W) fp32 noisy latents x_σ = (1 − σ)·x0 + σ·ε (reference slots included);
+- timestep: (B,) int64 model timesteps in [0, 1000): int(σ·1000), truncated (`idgrpo.rl.schedules`), not σ itself;
+- kwargs: the conditioning of one guidance branch (`Branch.kwargs`: text context, VACE context, ...), batch-first;
+- returns the velocity dx/dσ ≈ ε − x0, same shape as `latents`, any float dtype (used in fp32).
+
+Under `GRPOTrainer` it is an `nn.Module` whose parameters with requires_grad are the trained ones (LoRA adapters, or
+everything for full fine-tuning); for the benchmark's `sdpa_attention` switch it may offer
+`set_attention_impl("sdpa" | "idgrpo")` as `WanDiT` does."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -66,7 +75,10 @@ def _concat(values: Sequence[Any]) -> Any:
 
 @dataclass
 class Branch:
-    """One term of the guided velocity: `weight · policy(x with `injected` frames, t, **kwargs)`."""
+    """One term of the guided velocity: `weight · policy(x with `injected` frames, t, **kwargs)`.
+
+        Branch({"context": text}, weight=4.5)        # CFG's conditional branch at guidance 4.5
+    """
 
     kwargs: dict[str, Any]
     """Policy keyword arguments; tensors are batch-first (B, ...)."""
@@ -78,7 +90,12 @@ class Branch:
 
 @dataclass
 class Conditioning:
-    """The guidance branches of a batch, plus which latent frames are reference slots to drop before decoding."""
+    """The guidance branches of a batch, plus which latent frames are reference slots to drop before decoding.
+
+        cond = cfg_conditioning({"context": text}, {"context": negative}, guidance=4.5, drop_front=2)
+        cond.select(torch.tensor([0, 3]))            # samples 0 and 3 of the batch, every branch
+        cond.video_latents(latents)                  # (B, C, F - 2, H, W): the reference slots dropped
+    """
 
     branches: list[Branch]
     drop_front: int = 0
@@ -170,6 +187,9 @@ def guided_velocity(policy: Policy, latents: torch.Tensor, timestep: torch.Tenso
 class StepPlan:
     """Host-side description of one rollout: which steps are stochastic and which are trained.
 
+        plan = StepPlan.build(25, timestep_fraction=0.99)        # window range(0, 25), trained range(0, 24)
+        plan = StepPlan.build(25, window_start=4, window_size=2)  # SDE steps 4 and 5 only, both trained
+
     SDE steps are `window` (a contiguous range, Flow-GRPO-Fast / MixGRPO style), Euler ODE steps elsewhere.
     Trained steps are the SDE steps among the first ⌊N·timestep_fraction⌋ (Identity-GRPO trains 24 of 25), and
     must be contiguous so the states x_k … x_{k+K} are stored once.
@@ -210,7 +230,11 @@ class StepPlan:
 
 @dataclass
 class StepSchedule:
-    """Per-step σ, σ', s_t and model timesteps (all (N,) on the device), with the reference indexing semantics."""
+    """Per-step σ, σ', s_t and model timesteps (all (N,) on the device), with the reference indexing semantics.
+
+        steps = StepSchedule.build(flow_schedule(25, 3.0), "cpu")
+        sigma, sigma_next, std, t = steps.at(k, batch)           # step k's values as (B,) tensors
+    """
 
     sigma: torch.Tensor
     sigma_next: torch.Tensor
@@ -220,8 +244,6 @@ class StepSchedule:
     @staticmethod
     def build(schedule: FlowSchedule, device, *, noise_schedule: str = "identity_grpo",
               noise_level: float = 0.7) -> StepSchedule:
-        if noise_schedule not in NOISE_SCHEDULES:
-            raise ValueError(f"noise_schedule must be one of {NOISE_SCHEDULES}, got {noise_schedule!r}")
         sigma, sigma_next = schedule.step_sigmas(device)
         sigmas_1 = schedule.sigmas[min(1, schedule.num_steps)].to(device).expand_as(sigma)
         std = sde_noise_std(sigma, sigma_next, sigmas_1, schedule=noise_schedule, noise_level=noise_level)
@@ -246,6 +268,9 @@ def euler_step(x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sig
 
 class SampleNoise:
     """One generator per sample: sample i's initial latent and step noises depend only on seeds[i].
+
+        noise = SampleNoise([11, 12], (16, 9, 30, 52), "cpu")
+        x = noise.draw()                              # (2, 16, 9, 30, 52): the initial latents, then each step's noise
 
     This makes a rollout independent of how samples are batched or spread across ranks. With `initial_seeds`, the
     first draw (the initial latent) comes from initial_seeds[i] instead, while the step noises stay the draws they
@@ -281,7 +306,11 @@ class SampleNoise:
 
 @dataclass
 class Rollout:
-    """What the trainer needs from one rollout batch. K = len(plan.trained), B = batch size."""
+    """What `sample` returns for one batch. K = len(plan.trained), B = batch size.
+
+        roll = sample(policy, cond, flow_schedule(25, 3.0), seeds=[0, 1], latent_shape=(16, 9, 30, 52))
+        roll.final                                    # (2, 16, 9, 30, 52) at σ = 0; decode roll.final for videos
+    """
 
     final: torch.Tensor  # (B, C, F, H, W) fp32, x at σ = 0
     states: torch.Tensor | None  # (B, K + 1, C, F, H, W) fp32: x before each trained step, then after the last one

@@ -30,7 +30,11 @@ def shift_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FlowSchedule:
-    """A sampling grid: `sigmas` (N+1,) fp32 ending in 0, `timesteps` (N,) int64 model inputs."""
+    """A sampling grid: `sigmas` (N+1,) fp32 ending in 0, `timesteps` (N,) int64 model inputs.
+
+        schedule = flow_schedule(25, shift=3.0, grid="diffusers")
+        schedule.sigmas[0], schedule.timesteps[0]     # ≈ 1.0 and 999
+    """
 
     sigmas: torch.Tensor  # (N + 1,) fp32, strictly decreasing for the usual shifts, sigmas[-1] == 0
     timesteps: torch.Tensor  # (N,) int64, int(σ_i · 1000)

@@ -1,4 +1,5 @@
-"""A toy flow policy, decoder and reward: the `tiny` preset's CPU demo and the trainer's tests.
+"""A toy flow policy, decoder and reward: the policy of `train-grpo tiny` (`--model toy`, its default) and of the
+trainer's tests.
 
 The policy is an exact flow-matching velocity toward a prompt-dependent target m(prompt):
 v = (x − m) / σ, so the ODE lands on m and the SDE on m plus a little noise. m = base(context) + LoRA-style
@@ -20,7 +21,11 @@ from idgrpo.rl.sampler import Conditioning, cfg_conditioning
 
 
 class ToyFlowPolicy(nn.Module):
-    """policy(latents (B, C, F, H, W), timestep (B,) int64, context (B, D)) -> velocity (B, C, F, H, W) fp32."""
+    """policy(latents (B, C, F, H, W), timestep (B,) int64, context (B, D)) -> velocity (B, C, F, H, W) fp32.
+
+        policy = ToyFlowPolicy((4, 2, 8, 8))
+        velocity = policy(torch.randn(3, 4, 2, 8, 8), torch.full((3,), 500), torch.randn(3, 8))
+    """
 
     def __init__(self, latent_shape: Sequence[int], context_dim: int = 8, rank: int = 4, seed: int = 0):
         super().__init__()
