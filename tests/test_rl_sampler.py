@@ -1,4 +1,5 @@
-"""The SDE rollout against the closed-form formulas of spec §6.3, guidance branches, seeds and SDE windows."""
+"""The SDE rollout against the closed-form formulas of
+docs/models.md#sde-step-and-log-probability, guidance branches, seeds and SDE windows."""
 
 import math
 
@@ -42,7 +43,7 @@ def _conditioning(batch, guidance=4.5, seed=5):
 
 
 def _spec_step(x, v, sigma, sigma_next, s, x_next):
-    """Spec §6.3 in float64: μ and the per-sample mean log-prob of x_next."""
+    """docs/models.md#sde-step-and-log-probability in float64: μ and the per-sample mean log-prob of x_next."""
     x, v, x_next = x.double(), v.double(), x_next.double()
     dt = sigma_next - sigma
     mu = x * (1 + s**2 / (2 * sigma) * dt) + v * (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt

@@ -1,4 +1,5 @@
-"""σ grids (spec §6.2 tables), index_for_timestep semantics, and the ODE solvers against diffusers."""
+"""σ grids (docs/models.md#sigma-schedules-and-shift), index_for_timestep semantics, and the ODE solvers
+against diffusers."""
 
 
 import pytest

@@ -7,11 +7,13 @@ a user's model, a toy). Guidance is expressed as a weighted sum of *branches*, a
 
 - classifier-free guidance: branches (cond, g), (uncond, 1 − g)  ->  v_u + g·(v_c − v_u)   (`cfg_conditioning`)
 - CFG-free training: one branch (cond, 1)                                                     (`cfg_conditioning`)
-- Phantom's three passes (spec §3): (text + refs, g_text), (neg + refs, g_img − g_text), (neg + zero refs, 1 − g_img),
+- Phantom's three passes (docs/models.md#phantom): (text + refs, g_text), (neg + refs, g_img − g_text),
+  (neg + zero refs, 1 − g_img),
   with the clean reference latents re-injected as the last frames of the model input at every step
   (`phantom_conditioning`).
 
-`sample` runs one rollout: SDE steps (spec §6.3, through `idgrpo.kernels.grpo_loss.grpo_step`) inside the SDE window,
+`sample` runs one rollout: SDE steps (docs/models.md#sde-step-and-log-probability, through
+`idgrpo.kernels.grpo_loss.grpo_step`) inside the SDE window,
 Euler ODE steps elsewhere, per-sample seeds (a sample's noise depends only on its seed, never on the batch it was
 drawn in), and for the trained steps it keeps the states, the old log-probs and, when asked, the mean of the SDE step
 under a reference policy (the KL anchor) — computed here so that training needs no reference forward.
@@ -124,7 +126,8 @@ def cfg_conditioning(cond: dict[str, Any], uncond: dict[str, Any] | None, guidan
                      *, drop_front: int = 0) -> Conditioning:
     """Classifier-free guidance v_u + g·(v_c − v_u); `uncond=None` (or g == 1) is the CFG-free single forward.
 
-    Note: the unconditional branch of Wan uses the negative prompt, not an empty string (spec §6.1).
+    Note: the unconditional branch of Wan uses the negative prompt, not an empty string
+    (docs/models.md#parameterisation-and-timesteps).
     """
     if uncond is None or guidance == 1.0:
         return Conditioning([Branch(cond, 1.0)], drop_front=drop_front)
@@ -133,7 +136,7 @@ def cfg_conditioning(cond: dict[str, Any], uncond: dict[str, Any] | None, guidan
 
 def phantom_conditioning(cond: dict[str, Any], neg: dict[str, Any], reference_latents: torch.Tensor,
                          guidance_image: float = 5.0, guidance_text: float = 7.5) -> Conditioning:
-    """Phantom's three-pass guidance (spec §3): v = neg + g_img·(pos_i − neg) + g_text·(pos_it − pos_i).
+    """Phantom's three-pass guidance (docs/models.md#phantom): v = neg + g_img·(pos_i − neg) + g_text·(pos_it − pos_i).
 
     reference_latents: (B, 16, n_ref, H, W) VAE latents of the references, re-injected at the END of the model
     input at every step; the negative pass sees zeros in their place.
@@ -392,7 +395,7 @@ def unipc_sample(policy: Policy, conditioning: Conditioning, schedule: FlowSched
     diffusers `UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True)` and Wan's
     FlowUniPCMultistepScheduler with their defaults (solver_order=2, lower_order_final=True, final σ 0).
 
-    Data prediction x0 = x − σ·v (spec §6.1); α = 1 − σ; λ = log α − log σ.
+    Data prediction x0 = x − σ·v (docs/models.md#parameterisation-and-timesteps); α = 1 − σ; λ = log α − log σ.
     """
     sig = schedule.sigmas.tolist()  # host floats: the grid is host data
     if not 0.0 < sig[0] < 1.0:

@@ -1,4 +1,4 @@
-"""Flow-matching σ schedules of Wan2.1 (spec §6.1–6.2).
+"""Flow-matching σ schedules of Wan2.1 (docs/models.md#flow-matching).
 
 Forward process x_σ = (1 − σ)·x0 + σ·ε; σ = 1 is pure noise; stepping runs from σ_0 ≈ 1 down to 0.
 Every grid is a base grid shifted by shift(σ) = s·σ / (1 + (s − 1)·σ), then 0 is appended:
@@ -9,7 +9,8 @@ Every grid is a base grid shifted by shift(σ) = s·σ / (1 + (s − 1)·σ), th
 - "wan_dpm": the Wan2.1 `dpm++` path: base linspace(1, 0, N+1)[:N].
 
 Note: the model's timestep input is the integer `timesteps[i] = int64(σ_i · 1000)` (truncated, computed in float64
-as the schedulers do) while the stepping uses the float32 σ. The two must not be mixed up (spec §8.7).
+as the schedulers do) while the stepping uses the float32 σ. The two must not be mixed up
+(docs/models.md#pitfall-integer-timestep-float-sigma).
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ class FlowSchedule:
         """Position of the integer `timestep` in `timesteps`, the SECOND match when it occurs more than once.
 
         This is the diffusers scheduler's `index_for_timestep`, which the Flow-GRPO / Identity-GRPO SDE step calls
-        at every step to find σ = sigmas[idx] and σ' = sigmas[idx + 1] (spec §6.3, §8.9). With duplicated integer
-        timesteps (many steps, large shift) both occurrences therefore step from the later σ.
+        at every step to find σ = sigmas[idx] and σ' = sigmas[idx + 1]
+        (docs/models.md#pitfall-identity-grpo-noise-scale-and-log-prob-mean). With duplicated integer timesteps
+        (many steps, large shift) both occurrences therefore step from the later σ.
         """
         matches = (self.timesteps == int(timestep)).nonzero().flatten().tolist()
         if not matches:
