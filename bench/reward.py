@@ -24,10 +24,10 @@ alone on an already encoded batch.
     samples 5 frames and resizes frames and references to its own image_size).
 
 Both rows of a pair run in the same process on the same inputs and the same weights; "sdpa" swaps
-only the attention function (`Qwen2_5_VL.set_attention("sdpa")`: transformers' sdpa path, one call
-per vision window sequence and a boolean causal+padding mask in the LLM; for the compact model the
-module-level `attention` it calls is swapped for torch SDPA). `score_diff` is the largest |reward
-difference| of the sdpa row against the idgrpo row (a sanity check that both compute the same).
+only the attention function (`set_attention_impl("sdpa")` of either reward model: for the VLM transformers'
+sdpa path, one call per vision window sequence and a boolean causal+padding mask in the LLM; for the
+compact model plain torch SDPA). `score_diff` is the largest |reward difference| of the sdpa row against
+the idgrpo row (a sanity check that both compute the same).
 Peak memory: CUDA max_memory_allocated over the timed calls, weights included.
 """
 
@@ -142,7 +142,8 @@ def build_vlm_reward(preset: str, device: torch.device, dtype: torch.dtype, quic
 
 @contextlib.contextmanager
 def compact_attention(impl: str):
-    """Swap the attention function the compact reward model calls (module global) for torch SDPA."""
+    """Deprecated (bench/e2e.py's, until it calls `IdentityRewardModel.set_attention_impl`): swap the attention
+    function the compact reward model calls (module global) for torch SDPA."""
     import idgrpo.reward.model as compact
     from idgrpo.models.qwen2_5_vl import sdpa_attention
 
@@ -207,7 +208,7 @@ def run_vlm(preset: str, shapes, reference_size, device, dtype, quick) -> tuple[
                       | (encoded.input_ids == model.backbone.config.video_token_id)).sum()) // batch
         pair, results = [], {}
         for impl in ATTENTION_IMPLS:
-            model.backbone.set_attention(impl)
+            model.set_attention_impl(impl)
             row = {"model": label_model, "shape": f"{FRAMES}x{label}+{REFERENCES}ref", "batch": batch,
                    "tokens": max(lengths), "vision_tokens": vision, "dtype": str(dtype).removeprefix("torch."),
                    "device": device.type, "impl": impl}
@@ -216,7 +217,7 @@ def run_vlm(preset: str, shapes, reference_size, device, dtype, quick) -> tuple[
             _free(device)
         _pair(pair, results)
         rows += pair
-    model.backbone.set_attention("idgrpo")
+    model.set_attention_impl("idgrpo")
     return rows, tokenizer_note  # the caller frees the device memory once `model` is gone
 
 
@@ -234,8 +235,8 @@ def run_compact(preset: str, shapes, reference_size, device, dtype, quick) -> li
             row = {"model": f"compact-{preset}", "shape": f"{FRAMES}x{label}+{REFERENCES}ref", "batch": batch,
                    "tokens": (model.config.image_size // model.config.patch_size) ** 2,
                    "dtype": str(dtype).removeprefix("torch."), "device": device.type, "impl": impl}
-            with compact_attention(impl):
-                results[impl] = _measure(row, model.score, None, inputs, device, warmup, iters)
+            model.set_attention_impl(impl)
+            results[impl] = _measure(row, model.score, None, inputs, device, warmup, iters)
             pair.append(row)
             _free(device)
         _pair(pair, results)

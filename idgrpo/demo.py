@@ -6,14 +6,16 @@ Usage:
     torchrun --nproc_per_node=2 -m idgrpo demo     # two gloo processes: the result of `--threads 1` for the seed
     idgrpo demo --help                             # every knob
 
-Stages (tqdm progress per stage on rank 0), all written to --run-dir:
+Stages (`stage_*` functions, each returning a small dataclass; tqdm progress per stage on rank 0), all written
+to --run-dir:
 1. world data (`idgrpo.synth`): seeded people walking across small frames, exact boxes, reference images;
    identity preference pairs from synthetic distortions (`idgrpo.reward.distortions.make_pairs`).
 2. a tiny Wan2.1-architecture policy (`idgrpo.models.wan_dit`, VACE branch) pretrained by flow matching on world
    videos, most of them imperfect (people recoloured by a random strength), so that there is room to improve.
-3. the compact identity reward model (`idgrpo.reward.model`) trained with the BTT loss on the distortion pairs and
-   on annotated pairs of the pretrained policy's own samples (Note [annotated pairs]); held-out pairwise accuracy on
-   non-tie pairs of both kinds (source scenes never seen in training).
+3. the compact identity reward model (`idgrpo.reward.model`) trained by `idgrpo.reward.train.fit` (the loop of
+   `idgrpo train-reward`) with the BTT loss on the distortion pairs and on annotated pairs of the pretrained
+   policy's own samples (Note [annotated pairs]); held-out pairwise accuracy on non-tie pairs of both kinds (source
+   scenes never seen in training).
 4. GRPO (`idgrpo.rl.GRPOTrainer.train`: SDE rollouts, group advantages, clipped loss, KL to the LoRA-free policy)
    on LoRA adapters, with the trained reward model as the reward.
 5. before/after on held-out scenes: learned reward and oracle identity consistency (`idgrpo.synth.oracle`, pixels
@@ -51,29 +53,36 @@ is noise in the advantages. The demo therefore starts each group from one latent
 (`GRPOConfig.shared_initial_noise`). On the same pretrained policies, reward models and seed, the oracle gain after
 16 epochs was +24.0% with it and +15.0% without (recolour_probability 0.9), and +7.1% against +1.7% (0.6).
 
-Note [distributed]: stages 1-3 are small and run replicated on every rank (identical inputs and seeds, so
-identical weights without any communication); stage 4 is the trainer's distributed GRPO (rollouts split across
-ranks, advantages from all-gathered rewards, FSDP gradient reduction), whose results do not depend on the world
-size; stage 5 evaluates on rank 0's copy (every rank holds the full policy after the final all-gather).
+Note [distributed]: stages 1-3 are small and run replicated on every rank (identical inputs and seeds, so identical
+weights; the reward model's updates only agree across ranks on skipping a non-finite one, the same decision
+everywhere); stage 4 is the trainer's distributed GRPO (rollouts split across ranks, advantages from all-gathered
+rewards, FSDP gradient reduction), whose results do not depend on the world size; stage 5 evaluates on rank 0's copy
+(every rank holds the full policy after the final all-gather).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
+from idgrpo.engine.metrics import progress
 from idgrpo.errors import UsageError, above, at_least, one_of, within
+
+if TYPE_CHECKING:
+    from idgrpo.reward.data import PairTensors
+    from idgrpo.reward.train import FitConfig
+    from idgrpo.synth.world import Scene
 
 GUIDES = ("composite", "blank")
 """The guide video of the VACE context (see `vace_context_of`)."""
@@ -391,6 +400,65 @@ def scene_row(scene, stride: int, guide: str = "composite") -> DemoRow:
     return DemoRow(scene.prompt, scene.references, scene.boxes,
                    vace_context_of(scene.frames, scene.boxes, scene.references, stride, guide), scene.frames)
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 2: policy pretraining
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_policy(cfg: DemoConfig, device: torch.device | None = None):
+    """The tiny Wan DiT with the VACE branch, sized for the trivial latent. Attention: our kernel on CUDA; on a CPU
+    torch's SDPA (its fused CPU kernel), since our op's CPU path is the plain-PyTorch reference (the tests' oracle,
+    with explicit masks and fp32 score matrices) and about 1.5x slower for the demo's whole pretraining step."""
+    from idgrpo.models.wan_dit import WanConfig, WanDiT
+
+    channels = 3 * cfg.pixel_stride**2
+    wan = WanConfig.from_name("tiny-vace", dim=cfg.policy_dim, ffn_dim=2 * cfg.policy_dim, num_heads=2,
+                              num_layers=cfg.policy_layers, vace_layers=tuple(sorted({0, 1, cfg.policy_layers - 1})),
+                              in_dim=channels, out_dim=channels, vace_in_dim=channels * (1 + cfg.num_people),
+                              text_dim=32, text_len=1, patch_size=(1, cfg.policy_patch, cfg.policy_patch),
+                              attention_impl="idgrpo" if device is not None and device.type == "cuda" else "sdpa")
+    torch.manual_seed(cfg.seed + 1)
+    return WanDiT(wan).init_weights()
+
+
+def constant_context(batch: int, text_dim: int = 32) -> torch.Tensor:
+    """The text branch's input: one constant row (see the module note on conditioning)."""
+    return torch.full((batch, 1, text_dim), 0.1)
+
+
+def pretrain_policy(cfg: DemoConfig, policy, rows: list[DemoRow], targets: list[list[torch.Tensor]], bar) -> list:
+    """Flow matching on [reference latents | video latents]: x_σ = (1-σ) x0 + σ ε, velocity target ε - x0, σ drawn
+    uniformly and shifted like the sampling grid. targets[i]: candidate videos of row i (clean and imperfect)."""
+    from idgrpo.engine import warmup_cosine
+
+    stride = cfg.pixel_stride
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(cfg.seed + 2)
+    rng = random.Random(cfg.seed + 3)
+    refs = [encode_frames(torch.stack(r.references)[:, None], stride)[:, :, 0].transpose(0, 1) for r in rows]
+    losses = []
+    for step in range(cfg.pretrain_steps):
+        index = [rng.randrange(len(rows)) for _ in range(cfg.pretrain_batch)]
+        videos = torch.stack([rng.choice(targets[i]) for i in index])  # (B, T, H, W, 3)
+        x0 = torch.cat([torch.stack([refs[i] for i in index]), encode_frames(videos, stride)], 2)  # (B, C, n+T, h, w)
+        vace = torch.stack([rows[i].vace_context for i in index])
+        u = torch.rand(len(index), generator=generator)
+        sigma = cfg.shift * u / (1 + (cfg.shift - 1) * u)  # (B,)
+        noise = torch.randn(x0.shape, generator=generator)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.pretrain_lr * warmup_cosine(step, cfg.pretrain_steps, warmup=20)
+        velocity = policy(xt, sigma * 1000, constant_context(len(index)), vace_context=vace)
+        loss = (velocity - (noise - x0)).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.detach())
+        bar.update(1)
+    return [float(v) for v in torch.stack(losses)] if losses else []
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Stage 3: the reward model
@@ -457,112 +525,6 @@ def concat_pairs(*sets):
                           else [x for t in sets for x in getattr(t, f.name)] for f in dataclasses.fields(PairTensors)})
 
 
-def warmup_cosine(step: int, total: int, *, warmup: int, floor: float = 0.05) -> float:
-    """The learning-rate multiplier of optimizer step `step` (0-based) of `total`: a linear warm-up over `warmup`
-    steps times a cosine from 1 down to `floor` at the last step."""
-    return min(1.0, (step + 1) / max(1, warmup)) * (
-        floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))))
-
-
-def train_reward_model(cfg: DemoConfig, train, held_out, bar):
-    """BTT training of the compact reward model on in-memory pairs; returns (model, held-out metrics)."""
-    from idgrpo.reward.losses import btt_loss
-    from idgrpo.reward.model import IdentityRewardModel, RewardModelConfig
-    from idgrpo.reward.train import TrainRewardConfig, evaluate
-
-    torch.manual_seed(cfg.seed)
-    model_cfg = RewardModelConfig(image_size=cfg.frame_size, patch_size=cfg.reward_patch, dim=cfg.reward_dim,
-                                  depth=cfg.reward_depth, heads=4, max_frames=max(32, cfg.reward_frames))
-    model = IdentityRewardModel(model_cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.reward_lr, weight_decay=0.01)
-    steps_per_epoch = math.ceil(len(train) / cfg.reward_batch)
-    total = steps_per_epoch * cfg.reward_epochs
-    generator = torch.Generator().manual_seed(cfg.seed)
-    step = 0
-    for _ in range(cfg.reward_epochs):
-        order = torch.randperm(len(train), generator=generator)
-        flips = torch.rand(len(train), generator=generator) < 0.5
-        for i in range(steps_per_epoch):
-            index = order[i * cfg.reward_batch:(i + 1) * cfg.reward_batch]
-            flip = torch.cat([flips[index], flips[index]]).view(-1, 1, 1, 1, 1)
-            frames = torch.cat([train.frames_a[index], train.frames_b[index]])
-            refs = torch.cat([train.refs_a[index], train.refs_b[index]])
-            # The same mirror for both videos of a pair and their references (identity-preserving).
-            frames = torch.where(flip, frames.flip(-2), frames)
-            refs = torch.where(flip, refs.flip(-2), refs)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.reward_lr * warmup_cosine(step, total, warmup=total // 20)
-            reward = model(frames, refs)["reward"]
-            loss = btt_loss(reward[:len(index)], reward[len(index):], train.labels[index], k=cfg.ties_k)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            step += 1
-            bar.update(1)
-    settings = TrainRewardConfig(ties_k=cfg.ties_k, num_frames=cfg.reward_frames, model=model_cfg)
-    metrics = evaluate(model, held_out, settings, torch.device("cpu"))
-    return model.eval().requires_grad_(False), metrics
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Stage 2: policy pretraining
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def build_policy(cfg: DemoConfig, device: torch.device | None = None):
-    """The tiny Wan DiT with the VACE branch, sized for the trivial latent. Attention: our kernel on CUDA; on a CPU
-    torch's SDPA (its fused CPU kernel), since our op's CPU path is the plain-PyTorch reference (the tests' oracle,
-    with explicit masks and fp32 score matrices) and about 1.5x slower for the demo's whole pretraining step."""
-    from idgrpo.models.wan_dit import WanConfig, WanDiT
-
-    channels = 3 * cfg.pixel_stride**2
-    wan = WanConfig.from_name("tiny-vace", dim=cfg.policy_dim, ffn_dim=2 * cfg.policy_dim, num_heads=2,
-                              num_layers=cfg.policy_layers, vace_layers=tuple(sorted({0, 1, cfg.policy_layers - 1})),
-                              in_dim=channels, out_dim=channels, vace_in_dim=channels * (1 + cfg.num_people),
-                              text_dim=32, text_len=1, patch_size=(1, cfg.policy_patch, cfg.policy_patch),
-                              attention_impl="idgrpo" if device is not None and device.type == "cuda" else "sdpa")
-    torch.manual_seed(cfg.seed + 1)
-    return WanDiT(wan).init_weights()
-
-
-def constant_context(batch: int, text_dim: int = 32) -> torch.Tensor:
-    """The text branch's input: one constant row (see the module note on conditioning)."""
-    return torch.full((batch, 1, text_dim), 0.1)
-
-
-def pretrain_policy(cfg: DemoConfig, policy, rows: list[DemoRow], targets: list[list[torch.Tensor]], bar) -> list:
-    """Flow matching on [reference latents | video latents]: x_σ = (1-σ) x0 + σ ε, velocity target ε - x0, σ drawn
-    uniformly and shifted like the sampling grid. targets[i]: candidate videos of row i (clean and imperfect)."""
-    stride = cfg.pixel_stride
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(cfg.seed + 2)
-    rng = random.Random(cfg.seed + 3)
-    refs = [encode_frames(torch.stack(r.references)[:, None], stride)[:, :, 0].transpose(0, 1) for r in rows]
-    losses = []
-    for step in range(cfg.pretrain_steps):
-        index = [rng.randrange(len(rows)) for _ in range(cfg.pretrain_batch)]
-        videos = torch.stack([rng.choice(targets[i]) for i in index])  # (B, T, H, W, 3)
-        x0 = torch.cat([torch.stack([refs[i] for i in index]), encode_frames(videos, stride)], 2)  # (B, C, n+T, h, w)
-        vace = torch.stack([rows[i].vace_context for i in index])
-        u = torch.rand(len(index), generator=generator)
-        sigma = cfg.shift * u / (1 + (cfg.shift - 1) * u)  # (B,)
-        noise = torch.randn(x0.shape, generator=generator)
-        s = sigma.view(-1, 1, 1, 1, 1)
-        xt = (1 - s) * x0 + s * noise
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.pretrain_lr * warmup_cosine(step, cfg.pretrain_steps, warmup=20)
-        velocity = policy(xt, sigma * 1000, constant_context(len(index)), vace_context=vace)
-        loss = (velocity - (noise - x0)).square().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.detach())
-        bar.update(1)
-    return [float(v) for v in torch.stack(losses)] if losses else []
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Stage 4-5: GRPO and evaluation
 # ----------------------------------------------------------------------------------------------------------------------
@@ -601,10 +563,32 @@ def sample_videos(cfg: DemoConfig, policy, rows: list[DemoRow], device, seed_bas
     return videos
 
 
+@dataclass
+class PolicyEvaluation:
+    """Held-out rows sampled by a policy (`evaluate_policy`): learned reward and oracle identity consistency per
+    video, and the videos."""
+
+    reward: list[float]
+    oracle: list[float]
+    videos: list[torch.Tensor]  # (T, H, W, 3) uint8 each
+
+    @property
+    def reward_mean(self) -> float:
+        return sum(self.reward) / len(self.reward)
+
+    @property
+    def oracle_mean(self) -> float:
+        return sum(self.oracle) / len(self.oracle)
+
+    def summary(self) -> dict:
+        """The JSON-able part (every field but the videos, and the means)."""
+        return {"reward": self.reward, "oracle": self.oracle, "reward_mean": self.reward_mean,
+                "oracle_mean": self.oracle_mean}
+
+
 @torch.no_grad()
-def evaluate_policy(cfg: DemoConfig, policy, rows: list[DemoRow], score, device) -> dict:
-    """Deterministic (Euler ODE, fixed noise per row) samples of held-out rows: learned reward and oracle
-    identity consistency, per video and their means; the frames for the GIFs."""
+def evaluate_policy(cfg: DemoConfig, policy, rows: list[DemoRow], score, device) -> PolicyEvaluation:
+    """Deterministic (Euler ODE, fixed noise per row) samples of held-out rows, scored by `score` and the oracle."""
     from idgrpo.synth import oracle_consistency
 
     videos = sample_videos(cfg, policy, rows, device, cfg.seed * 1_000_003 + 777_777)
@@ -614,8 +598,7 @@ def evaluate_policy(cfg: DemoConfig, policy, rows: list[DemoRow], score, device)
         frames = torch.stack(videos[start:start + 8]).to(device)
         rewards += score(frames, [r.references for r in batch], [r.prompt for r in batch]).float().cpu().tolist()
     oracle = [oracle_consistency(v, r.boxes, r.references).video for v, r in zip(videos, rows, strict=True)]
-    return {"reward": rewards, "oracle": oracle, "reward_mean": sum(rewards) / len(rewards),
-            "oracle_mean": sum(oracle) / len(oracle), "videos": videos}
+    return PolicyEvaluation(rewards, oracle, videos)
 
 
 def latent_shape_of(cfg: DemoConfig) -> tuple[int, int, int, int]:
@@ -640,6 +623,214 @@ def grpo_config(cfg: DemoConfig):
         epochs=cfg.grpo_epochs, eval_every=0, eval_steps=cfg.num_steps, eval_solver="euler",
         save_every=cfg.grpo_epochs, resume=False, compute_dtype="float32", seed=cfg.seed,
         run_dir=str(cfg.run_dir / "grpo"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The stages
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _say(rank: int, message: str) -> None:
+    if rank == 0:
+        print(message, flush=True)
+
+
+@dataclass
+class WorldData:
+    """Stage 1: the world's scenes split by use, and the distortion preference pairs."""
+
+    pair_scenes: list[Scene]
+    """Scenes distorted into preference pairs; the last `held_out` of them (with all their pairs) are held out."""
+    held_out: int
+    train_pairs: PairTensors
+    held_pairs: PairTensors
+    policy_rows: list[DemoRow]
+    policy_targets: list[list[torch.Tensor]]
+    """Per policy row, its pretraining candidates: the clean video and imperfect draws (Note [imperfect targets])."""
+    grpo_rows: list[DemoRow]
+    eval_rows: list[DemoRow]
+
+
+def stage_world_data(cfg: DemoConfig, rank: int) -> WorldData:
+    """1. Scenes of the seeded world; preference pairs from synthetic distortions of the first ones."""
+    from idgrpo.reward.distortions import SourceVideo, make_pairs
+    from idgrpo.synth import World, WorldConfig
+
+    world = World(WorldConfig(frame_size=cfg.frame_size, num_frames=cfg.num_frames, num_people=cfg.num_people,
+                              population=cfg.population, seed=cfg.seed, grid=cfg.pixel_stride))
+    n_pair, n_policy, n_grpo, n_eval = cfg.reward_videos, cfg.policy_videos, cfg.grpo_prompts, cfg.eval_prompts
+    total = n_pair + n_policy + n_grpo + n_eval
+    bar = progress(total=total + n_policy, desc="1/5 world data", rank=rank, leave=True)
+    scenes = []
+    for i in range(total):
+        scenes.append(world.scene(i))
+        bar.update(1)
+    pair_scenes = scenes[:n_pair]
+    policy_scenes = scenes[n_pair:n_pair + n_policy]
+    grpo_scenes = scenes[n_pair + n_policy:n_pair + n_policy + n_grpo]
+    eval_scenes = scenes[n_pair + n_policy + n_grpo:]
+    rng = random.Random(cfg.seed)
+    policy_targets = []
+    for s in policy_scenes:
+        # 10 candidate targets per scene: the clean video and imperfect_fraction of them independent imperfect draws.
+        weight = round(cfg.imperfect_fraction * 10)
+        policy_targets.append([s.frames] * (10 - weight) + [
+            imperfect_version(s, rng, cfg.recolour_probability, cfg.recolour_min) for _ in range(weight)])
+        bar.update(1)
+    bar.close()
+    sources = [SourceVideo(f"s{i:05d}", s.frames, s.references, s.prompt, s.boxes) for i, s in enumerate(pair_scenes)]
+    n_held = max(2, round(0.15 * n_pair))
+    train_pairs, store_train, refs_train = make_pairs(sources[:-n_held], kinds=PAIR_KINDS,
+                                                      pairs_per_video=cfg.pairs_per_video, seed=cfg.seed)
+    held_pairs, store_held, refs_held = make_pairs(sources[-n_held:], kinds=PAIR_KINDS,
+                                                   pairs_per_video=cfg.pairs_per_video, seed=cfg.seed + 1)
+    data = WorldData(
+        pair_scenes=pair_scenes, held_out=n_held,
+        train_pairs=pair_tensors(train_pairs, store_train, refs_train, cfg.reward_frames),
+        held_pairs=pair_tensors(held_pairs, store_held, refs_held, cfg.reward_frames),
+        policy_rows=[scene_row(s, cfg.pixel_stride, cfg.guide) for s in policy_scenes], policy_targets=policy_targets,
+        grpo_rows=[scene_row(s, cfg.pixel_stride, cfg.guide) for s in grpo_scenes],
+        eval_rows=[scene_row(s, cfg.pixel_stride, cfg.guide) for s in eval_scenes])
+    _say(rank, f"demo: {len(data.train_pairs)} training / {len(data.held_pairs)} held-out preference pairs, "
+               f"{n_policy} pretraining videos ({cfg.imperfect_fraction:.0%} imperfect), {n_grpo} GRPO rows, "
+               f"{n_eval} held-out eval rows")
+    return data
+
+
+@dataclass
+class Pretraining:
+    """Stage 2: the pretrained policy (frozen) and its flow-matching loss per step."""
+
+    policy: nn.Module
+    losses: list[float]
+
+
+def stage_pretraining(cfg: DemoConfig, data: WorldData, device, rank: int) -> Pretraining:
+    """2. The tiny Wan DiT pretrained by flow matching on the world's (mostly imperfect) videos."""
+    policy = build_policy(cfg, device)
+    bar = progress(total=cfg.pretrain_steps, desc="2/5 policy pretraining (flow matching)", rank=rank, leave=True)
+    losses = pretrain_policy(cfg, policy, data.policy_rows, data.policy_targets, bar)
+    bar.close()
+    return Pretraining(policy.requires_grad_(False), losses)
+
+
+@dataclass
+class AnnotatedPairs:
+    """Stage 3, first half: pairs of the pretrained policy's samples labelled by the oracle (Note [annotated pairs]),
+    of the training and the held-out pair scenes; None with `annotated_seeds` 0."""
+
+    train: PairTensors | None
+    held: PairTensors | None
+
+
+def stage_annotation(cfg: DemoConfig, data: WorldData, policy, device, rank: int) -> AnnotatedPairs:
+    """3a. Annotated pairs of the pretrained policy's own samples of the pair scenes."""
+    if not cfg.annotated_seeds:
+        return AnnotatedPairs(None, None)
+    pair_rows = [scene_row(s, cfg.pixel_stride, cfg.guide) for s in data.pair_scenes]
+    bar = progress(total=cfg.annotated_seeds * len(pair_rows), desc="3/5 annotated pairs (policy samples)",
+                   rank=rank, leave=True)
+    base = cfg.seed * 1_000_003 + 333_333
+    train = annotated_pairs(cfg, policy, pair_rows[:-data.held_out], device, base, bar)
+    held = annotated_pairs(cfg, policy, pair_rows[-data.held_out:], device, base + 50_000, bar)
+    bar.close()
+    return AnnotatedPairs(train, held)
+
+
+@dataclass
+class RewardStage:
+    """Stage 3: the trained reward model (frozen, eval mode) and its held-out metrics (`evaluate`'s on the
+    distortion pairs, and under "annotated" the accuracy on the held-out annotated pairs)."""
+
+    model: nn.Module
+    train_pairs: int
+    metrics: dict
+    num_frames: int
+
+    def score(self, frames: torch.Tensor, references: list, prompts: list[str]) -> torch.Tensor:
+        """The GRPO reward (`idgrpo.rl.RewardFn`): the model on `num_frames` frames of each video."""
+        return self.model.score(frames, references, prompts, num_frames=self.num_frames)
+
+
+def reward_fit_config(cfg: DemoConfig) -> FitConfig:
+    """`idgrpo.reward.train.fit`'s settings of stage 3: BTT, mirrored pairs, 5% warm-up, one seeded stream."""
+    from idgrpo.reward.train import FitConfig
+
+    return FitConfig(epochs=cfg.reward_epochs, batch_size=cfg.reward_batch, lr=cfg.reward_lr, grad_clip=1.0,
+                     warmup_fraction=0.05, loss="btt", ties_k=cfg.ties_k, flip_augment=True, seed=cfg.seed,
+                     reseed_each_epoch=False)
+
+
+def stage_reward_model(cfg: DemoConfig, data: WorldData, annotated: AnnotatedPairs, rank: int) -> RewardStage:
+    """3b. The compact identity reward model trained with `idgrpo.reward.train.fit` on the distortion pairs and the
+    annotated ones (a replicated module: every rank trains the same model, Note [replicated modules] there)."""
+    from idgrpo.engine import build_optimizer
+    from idgrpo.reward.model import IdentityRewardModel, RewardModelConfig
+    from idgrpo.reward.train import evaluate, fit, format_metric
+
+    train = data.train_pairs if annotated.train is None else concat_pairs(data.train_pairs, annotated.train)
+    settings = reward_fit_config(cfg)
+    torch.manual_seed(cfg.seed)
+    model = IdentityRewardModel(RewardModelConfig(image_size=cfg.frame_size, patch_size=cfg.reward_patch,
+                                                  dim=cfg.reward_dim, depth=cfg.reward_depth, heads=4,
+                                                  max_frames=max(32, cfg.reward_frames)))
+    optimizer = build_optimizer(model.parameters(), lr=cfg.reward_lr, weight_decay=0.01)
+    fit(model, optimizer, train, settings, progress_desc="3/5 reward model (BTT), epoch")
+    metrics = evaluate(model, data.held_pairs, settings, "cpu")
+    if annotated.held is not None:
+        held = evaluate(model, annotated.held, settings, "cpu")
+        metrics["annotated"] = {"train_pairs": len(annotated.train), "val_pairs": len(annotated.held),
+                                "val_non_tie_pairs": held["val_non_tie_pairs"],
+                                "val_acc_non_tie": held["val_acc_non_tie"]}
+    _say(rank, f"demo: reward model held-out accuracy {format_metric(metrics['val_acc_non_tie'])} on "
+               f"{metrics['val_non_tie_pairs']} non-tie distortion pairs "
+               f"(3-way with ties {format_metric(metrics['val_acc_with_ties'])})"
+               + (f", {format_metric(metrics['annotated']['val_acc_non_tie'])} on "
+                  f"{metrics['annotated']['val_non_tie_pairs']} non-tie annotated pairs"
+                  if "annotated" in metrics else ""))
+    return RewardStage(model.eval().requires_grad_(False), len(train), metrics, cfg.reward_frames)
+
+
+@dataclass
+class GRPOStage:
+    """Stage 4: the pretrained policy evaluated on the held-out rows before GRPO, the trained policy (LoRA), and
+    the trainer's epoch records."""
+
+    before: PolicyEvaluation
+    policy: nn.Module
+    history: list[dict]
+
+
+def stage_grpo(cfg: DemoConfig, data: WorldData, policy, score, device, rank: int) -> GRPOStage:
+    """4. GRPO on LoRA adapters of the pretrained policy with the trained reward; writes <run_dir>/grpo/ (metrics,
+    checkpoint, the LoRA in PEFT format, the trainer's plot)."""
+    from idgrpo.models.lora import apply_lora, mark_only_lora_trainable
+    from idgrpo.rl.trainer import GRPOTrainer
+
+    before = evaluate_policy(cfg, policy, data.eval_rows, score, device)
+    apply_lora(policy, cfg.lora_rank, float(cfg.lora_rank))
+    mark_only_lora_trainable(policy)
+    trainer = GRPOTrainer(grpo_config(cfg), policy, score=score, decode=lambda z: decode_latents(z, cfg.pixel_stride),
+                          build_conditioning=conditioning_builder(cfg, device), latent_shape=latent_shape_of(cfg),
+                          train_rows=data.grpo_rows, lora=True, log=lambda msg: None)
+    bar = progress(total=cfg.grpo_epochs, desc="4/5 GRPO", rank=rank, leave=True)
+
+    def advance(trainer, record):
+        bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
+        bar.update(1)
+
+    history = trainer.train(on_epoch_end=advance)
+    bar.close()
+    return GRPOStage(before, trainer.policy, history)
+
+
+def stage_evaluation(cfg: DemoConfig, data: WorldData, grpo: GRPOStage, score, device, rank: int) -> PolicyEvaluation:
+    """5. The trained policy on the held-out rows (the same noise as `GRPOStage.before`)."""
+    bar = progress(total=1, desc="5/5 evaluation", rank=rank, leave=True)
+    after = evaluate_policy(cfg, grpo.policy, data.eval_rows, score, device)
+    bar.update(1)
+    bar.close()
+    return after
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -674,187 +865,90 @@ def contact_sheet(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], s
 
 
 def demo(config: Annotated[DemoConfig, tyro.conf.arg(name="")]) -> int:
-    """The whole Identity-GRPO pipeline on a tiny synthetic world (see `idgrpo.demo`)."""
+    """The whole Identity-GRPO pipeline on a tiny synthetic world (see `idgrpo.demo`): the five stages in order,
+    then summary.json, the plots, the GIFs and the printed table."""
     from idgrpo.engine import init_distributed
-    from idgrpo.engine.metrics import progress, strict_json
-    from idgrpo.models.lora import apply_lora, mark_only_lora_trainable
-    from idgrpo.reward.distortions import SourceVideo, make_pairs
-    from idgrpo.reward.train import format_metric
-    from idgrpo.rl.plots import plot_training
-    from idgrpo.rl.trainer import GRPOTrainer
-    from idgrpo.synth import World, WorldConfig
 
     cfg = config
     started = time.monotonic()
-    # Stages 1-3 are minutes of replicated work without a collective: on a shared machine one rank may reach GRPO's
-    # first collective long before another, hence a longer default than the engine's.
+    # Stages 1-2 and the annotation are minutes of replicated work without a collective: on a shared machine one rank
+    # may reach the first collective (the reward model's first update) long before another, hence a longer default
+    # than the engine's.
     info = init_distributed(cfg.collective_timeout, default_timeout_s=3600.0)
     rank, world_size, device = info.rank, info.world_size, info.device
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // world_size)
     torch.set_num_threads(threads)
-    log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     run_dir = Path(cfg.run_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     timings = {}
 
-    # -- 1. the world's data -----------------------------------------------------------------------------------------
-    t0 = time.monotonic()
-    world = World(WorldConfig(frame_size=cfg.frame_size, num_frames=cfg.num_frames, num_people=cfg.num_people,
-                              population=cfg.population, seed=cfg.seed, grid=cfg.pixel_stride))
-    n_pair, n_policy, n_grpo, n_eval = cfg.reward_videos, cfg.policy_videos, cfg.grpo_prompts, cfg.eval_prompts
-    total = n_pair + n_policy + n_grpo + n_eval
-    bar = progress(total=total + n_policy, desc="1/5 world data", rank=rank, leave=True)
-    scenes = []
-    for i in range(total):
-        scenes.append(world.scene(i))
-        bar.update(1)
-    pair_scenes = scenes[:n_pair]
-    policy_scenes = scenes[n_pair:n_pair + n_policy]
-    grpo_scenes = scenes[n_pair + n_policy:n_pair + n_policy + n_grpo]
-    eval_scenes = scenes[n_pair + n_policy + n_grpo:]
-    rng = random.Random(cfg.seed)
-    policy_targets = []
-    for s in policy_scenes:
-        # 10 candidate targets per scene: the clean video and imperfect_fraction of them independent imperfect draws.
-        weight = round(cfg.imperfect_fraction * 10)
-        policy_targets.append([s.frames] * (10 - weight) + [
-            imperfect_version(s, rng, cfg.recolour_probability, cfg.recolour_min) for _ in range(weight)])
-        bar.update(1)
-    bar.close()
-    sources = [SourceVideo(f"s{i:05d}", s.frames, s.references, s.prompt, s.boxes) for i, s in enumerate(pair_scenes)]
-    n_held = max(2, round(0.15 * n_pair))
-    train_pairs, store_train, refs_train = make_pairs(sources[:-n_held], kinds=PAIR_KINDS,
-                                                      pairs_per_video=cfg.pairs_per_video, seed=cfg.seed)
-    held_pairs, store_held, refs_held = make_pairs(sources[-n_held:], kinds=PAIR_KINDS,
-                                                   pairs_per_video=cfg.pairs_per_video, seed=cfg.seed + 1)
-    train_set = pair_tensors(train_pairs, store_train, refs_train, cfg.reward_frames)
-    held_set = pair_tensors(held_pairs, store_held, refs_held, cfg.reward_frames)
-    policy_rows = [scene_row(s, cfg.pixel_stride, cfg.guide) for s in policy_scenes]
-    grpo_rows = [scene_row(s, cfg.pixel_stride, cfg.guide) for s in grpo_scenes]
-    eval_rows = [scene_row(s, cfg.pixel_stride, cfg.guide) for s in eval_scenes]
-    timings["data_s"] = time.monotonic() - t0
-    log(f"demo: {len(train_set)} training / {len(held_set)} held-out preference pairs, {n_policy} pretraining "
-        f"videos ({cfg.imperfect_fraction:.0%} imperfect), {n_grpo} GRPO rows, {n_eval} held-out eval rows")
+    def timed(key: str, stage, *args):
+        start = time.monotonic()
+        result = stage(*args)
+        timings[key] = time.monotonic() - start
+        return result
 
-    # -- 2. policy pretraining ---------------------------------------------------------------------------------------
-    t0 = time.monotonic()
-    policy = build_policy(cfg, device)
-    bar = progress(total=cfg.pretrain_steps, desc="2/5 policy pretraining (flow matching)", rank=rank, leave=True)
-    pretrain_losses = pretrain_policy(cfg, policy, policy_rows, policy_targets, bar)
-    bar.close()
-    policy.requires_grad_(False)
-    timings["pretrain_s"] = time.monotonic() - t0
-
-    # -- 3. the reward model: distortion pairs and annotated pairs of the policy's own samples -------------------------
-    t0 = time.monotonic()
-    annotated_train = annotated_held = None
-    if cfg.annotated_seeds:
-        pair_rows = [scene_row(s, cfg.pixel_stride, cfg.guide) for s in pair_scenes]
-        bar = progress(total=cfg.annotated_seeds * len(pair_rows), desc="3/5 annotated pairs (policy samples)",
-                       rank=rank, leave=True)
-        base = cfg.seed * 1_000_003 + 333_333
-        annotated_train = annotated_pairs(cfg, policy, pair_rows[:-n_held], device, base, bar)
-        annotated_held = annotated_pairs(cfg, policy, pair_rows[-n_held:], device, base + 50_000, bar)
-        bar.close()
-        train_set = concat_pairs(train_set, annotated_train)
-    timings["annotate_s"] = time.monotonic() - t0
-    t0 = time.monotonic()
-    steps = math.ceil(len(train_set) / cfg.reward_batch) * cfg.reward_epochs
-    bar = progress(total=steps, desc="3/5 reward model (BTT)", rank=rank, leave=True)
-    reward_model, reward_metrics = train_reward_model(cfg, train_set, held_set, bar)
-    bar.close()
-    if annotated_held is not None:
-        from idgrpo.reward.train import TrainRewardConfig, evaluate
-
-        held = evaluate(reward_model, annotated_held,
-                        TrainRewardConfig(ties_k=cfg.ties_k, num_frames=cfg.reward_frames, model=reward_model.config),
-                        torch.device("cpu"))
-        reward_model.eval().requires_grad_(False)  # `evaluate` hands the model back in train mode
-        reward_metrics["annotated"] = {"train_pairs": len(annotated_train), "val_pairs": len(annotated_held),
-                                       "val_non_tie_pairs": held["val_non_tie_pairs"],
-                                       "val_acc_non_tie": held["val_acc_non_tie"]}
+    data = timed("data_s", stage_world_data, cfg, rank)
+    pretrained = timed("pretrain_s", stage_pretraining, cfg, data, device, rank)
+    annotated = timed("annotate_s", stage_annotation, cfg, data, pretrained.policy, device, rank)
+    reward = timed("reward_s", stage_reward_model, cfg, data, annotated, rank)
     if rank == 0:
-        reward_model.save(run_dir / "reward_model")
-    timings["reward_s"] = time.monotonic() - t0
-    log(f"demo: reward model held-out accuracy {format_metric(reward_metrics['val_acc_non_tie'])} on "
-        f"{reward_metrics['val_non_tie_pairs']} non-tie distortion pairs "
-        f"(3-way with ties {format_metric(reward_metrics['val_acc_with_ties'])})"
-        + (f", {format_metric(reward_metrics['annotated']['val_acc_non_tie'])} on "
-           f"{reward_metrics['annotated']['val_non_tie_pairs']} non-tie annotated pairs"
-           if "annotated" in reward_metrics else ""))
-
-    def score(frames, references, prompts):
-        return reward_model.score(frames, references, prompts, num_frames=cfg.reward_frames)
-
-    # -- 4. GRPO -----------------------------------------------------------------------------------------------------
-    t0 = time.monotonic()
-    before = evaluate_policy(cfg, policy, eval_rows, score, device)
-    apply_lora(policy, cfg.lora_rank, float(cfg.lora_rank))
-    mark_only_lora_trainable(policy)
-    grpo = grpo_config(cfg)
-    trainer = GRPOTrainer(grpo, policy, score=score, decode=lambda z: decode_latents(z, cfg.pixel_stride),
-                          build_conditioning=conditioning_builder(cfg, device), latent_shape=latent_shape_of(cfg),
-                          train_rows=grpo_rows, lora=True, log=lambda msg: None)
-    bar = progress(total=cfg.grpo_epochs, desc="4/5 GRPO", rank=rank, leave=True)
-
-    def advance(trainer, record):
-        bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
-        bar.update(1)
-
-    # Writes grpo/: metrics.jsonl, the checkpoint and the LoRA in the PEFT format at the end, the trainer's plot.
-    history = trainer.train(on_epoch_end=advance)
-    bar.close()
-    timings["grpo_s"] = time.monotonic() - t0
-
-    # -- 5. before / after -------------------------------------------------------------------------------------------
-    t0 = time.monotonic()
-    bar = progress(total=1, desc="5/5 evaluation", rank=rank, leave=True)
-    after = evaluate_policy(cfg, trainer.policy, eval_rows, score, device)
-    bar.update(1)
-    bar.close()
-    timings["eval_s"] = time.monotonic() - t0
+        reward.model.save(run_dir / "reward_model")
+    grpo = timed("grpo_s", stage_grpo, cfg, data, pretrained.policy, reward.score, device, rank)
+    after = timed("eval_s", stage_evaluation, cfg, data, grpo, reward.score, device, rank)
     timings["total_s"] = time.monotonic() - started
-
-    def relative(a, b):
-        return (b - a) / abs(a) if abs(a) > 1e-12 else float("nan")
-
     summary = {
         "world": {"frame_size": cfg.frame_size, "num_frames": cfg.num_frames, "num_people": cfg.num_people,
                   "population": cfg.population, "seed": cfg.seed},
         "world_size": world_size, "threads_per_process": threads, "quick": cfg.quick,
-        "reward_model": {"train_pairs": len(train_set), **reward_metrics},
-        "pretrain": {"steps": cfg.pretrain_steps, "first_loss": pretrain_losses[0] if pretrain_losses else None,
-                     "last_loss": sum(pretrain_losses[-20:]) / max(1, len(pretrain_losses[-20:]))},
-        "grpo": {"epochs": cfg.grpo_epochs, "train_reward": [h["reward_mean"] for h in history],
-                 "history": history},
-        "before": {k: v for k, v in before.items() if k != "videos"},
-        "after": {k: v for k, v in after.items() if k != "videos"},
+        "reward_model": {"train_pairs": reward.train_pairs, **reward.metrics},
+        "pretrain": {"steps": cfg.pretrain_steps, "first_loss": pretrained.losses[0] if pretrained.losses else None,
+                     "last_loss": sum(pretrained.losses[-20:]) / max(1, len(pretrained.losses[-20:]))},
+        "grpo": {"epochs": cfg.grpo_epochs, "train_reward": [h["reward_mean"] for h in grpo.history],
+                 "history": grpo.history},
+        "before": grpo.before.summary(),
+        "after": after.summary(),
         # The learned reward is a BTT logit (any offset, either sign): its change is a difference, not a ratio.
-        "reward_change": after["reward_mean"] - before["reward_mean"],
-        "oracle_change_relative": relative(before["oracle_mean"], after["oracle_mean"]),
+        "reward_change": after.reward_mean - grpo.before.reward_mean,
+        "oracle_change_relative": _relative_change(grpo.before.oracle_mean, after.oracle_mean),
         "timings_s": timings,
         "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
     }
     if rank == 0:
-        from idgrpo.media import write_image, write_video
-
-        (run_dir / "summary.json").write_text(strict_json(summary, indent=1))
-        try:
-            plot_training(history, run_dir / "reward_curve.png", title="idgrpo demo: GRPO on the synthetic world")
-        except Exception as e:  # noqa: BLE001 - the run's results are written; a plot is not worth failing it
-            print(f"demo: could not write reward_curve.png: {type(e).__name__}: {e}", flush=True)
-        shown = range(min(cfg.gif_videos, len(eval_rows)))
-        write_image(run_dir / "before_after.png", contact_sheet(
-            [(torch.cat(eval_rows[i].references, 1), before["videos"][i], after["videos"][i]) for i in shown]))
-        for i in shown:
-            refs = torch.cat(eval_rows[i].references, 1)  # (S, P*S, 3)
-            write_video(run_dir / f"sample{i}_before.gif", before["videos"][i], fps=4)
-            write_video(run_dir / f"sample{i}_after.gif", after["videos"][i], fps=4)
-            write_video(run_dir / f"sample{i}_refs_before_after.gif",
-                        _gif_strip(before["videos"][i], after["videos"][i], refs), fps=4)
-        print(table(summary), flush=True)
+        write_outputs(cfg, summary, data.eval_rows, grpo, after)
     return 0
+
+
+def _relative_change(before: float, after: float) -> float:
+    return (after - before) / abs(before) if abs(before) > 1e-12 else float("nan")
+
+
+def write_outputs(cfg: DemoConfig, summary: dict, eval_rows: list[DemoRow], grpo: GRPOStage,
+                  after: PolicyEvaluation) -> None:
+    """In --run-dir: summary.json, reward_curve.png, before_after.png, the before/after GIFs; then the printed
+    table."""
+    from idgrpo.engine.metrics import strict_json
+    from idgrpo.media import write_image, write_video
+    from idgrpo.rl.plots import plot_training
+
+    run_dir = Path(cfg.run_dir)
+    (run_dir / "summary.json").write_text(strict_json(summary, indent=1))
+    try:
+        plot_training(grpo.history, run_dir / "reward_curve.png", title="idgrpo demo: GRPO on the synthetic world")
+    except Exception as e:  # noqa: BLE001 - the run's results are written; a plot is not worth failing it
+        print(f"demo: could not write reward_curve.png: {type(e).__name__}: {e}", flush=True)
+    before = grpo.before
+    shown = range(min(cfg.gif_videos, len(eval_rows)))
+    write_image(run_dir / "before_after.png", contact_sheet(
+        [(torch.cat(eval_rows[i].references, 1), before.videos[i], after.videos[i]) for i in shown]))
+    for i in shown:
+        refs = torch.cat(eval_rows[i].references, 1)  # (S, P*S, 3)
+        write_video(run_dir / f"sample{i}_before.gif", before.videos[i], fps=4)
+        write_video(run_dir / f"sample{i}_after.gif", after.videos[i], fps=4)
+        write_video(run_dir / f"sample{i}_refs_before_after.gif",
+                    _gif_strip(before.videos[i], after.videos[i], refs), fps=4)
+    print(table(summary), flush=True)
 
 
 def table(summary: dict) -> str:

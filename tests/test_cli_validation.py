@@ -267,7 +267,7 @@ def test_accuracy_over_zero_pairs_is_absent():
     ties_only = PairTensors(frames_a=frames, frames_b=frames.flip(0), refs_a=refs, refs_b=refs,
                             ref_mask=torch.ones(3, 1, dtype=torch.bool), labels=torch.full((3,), TIE),
                             kinds=["photometric"] * 3, prompts=[""] * 3)
-    metrics = evaluate(model, ties_only, TrainRewardConfig(num_frames=2), torch.device("cpu"))
+    metrics = evaluate(model, ties_only, TrainRewardConfig(num_frames=2).fit_config(), torch.device("cpu"))
     assert metrics["val_non_tie_pairs"] == 0 and metrics["val_acc_non_tie"] is None
     assert metrics["val_tie_acc"] is not None and 0.0 <= metrics["val_acc_with_ties"] <= 1.0
     assert format_metric(None) == "n/a" and format_metric(0.5) == "0.500"

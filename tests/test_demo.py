@@ -118,23 +118,6 @@ def test_grpo_settings_follow_the_demo_knobs():
     assert not grpo_config(DemoConfig(shared_initial_noise=False)).shared_initial_noise
 
 
-def test_warmup_cosine_is_the_schedule_written_inline_before():
-    import math
-
-    from idgrpo.demo import warmup_cosine
-
-    total, warmup = 37, 3
-    for step in range(total):
-        # train-reward's expression, to the bit (its golden run pins it); the demo's own differed in the last ulp.
-        inline = min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))))
-        assert warmup_cosine(step, total, warmup=warmup) == inline
-        demo = min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / total)))
-        assert warmup_cosine(step, total, warmup=warmup) == pytest.approx(demo, rel=1e-15)
-    assert warmup_cosine(0, 100, warmup=20) == pytest.approx(1 / 20)  # the warm-up's first step
-    assert warmup_cosine(19, 100, warmup=20) == pytest.approx(0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 0.19)))
-    assert warmup_cosine(100, 100, warmup=20) == pytest.approx(0.05)  # the floor at the end, and past it
-
-
 def _run_quick(run_dir):
     created = not dist.is_initialized()
     try:

@@ -86,3 +86,24 @@ def test_world_size_one_without_torchrun_runs_real_collectives():
     assert res.returncode == 0, res.stderr
     assert res.stdout.split()[:4] == ["0", "1", "cpu", "1"]
     assert "[2.0, 2.0, 2.0]" in res.stdout
+
+
+def test_rank_helpers_work_without_a_process_group(monkeypatch, tmp_path):
+    """Checkpoints, run directories and fault points ask `engine.dist` who they are; a process that never initialised
+    a group (a script, a converter) is rank 0 of 1 and has no one to wait for."""
+    import pytest
+    import torch.distributed as dist
+
+    from idgrpo.engine import barrier, open_run, world
+    from idgrpo.engine.faults import FAULT_ENV, InjectedFault, fault_point
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    assert world() == (0, 1)
+    barrier()  # returns at once
+    run = open_run(tmp_path / "run", {"lr": 1.0})
+    assert not run.resuming and (tmp_path / "run" / "run.json").is_file()  # written by the one process, rank 0
+    monkeypatch.setenv(FAULT_ENV, "step@1:raise")
+    fault_point("step")  # rank 1's fault: not this process
+    monkeypatch.setenv(FAULT_ENV, "step@0:raise")
+    with pytest.raises(InjectedFault):
+        fault_point("step")

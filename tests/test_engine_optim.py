@@ -37,3 +37,23 @@ def test_step_if_finite_skips_nan_updates(fused):
     assert skipped.item() == 0.0
     assert all(not torch.equal(p.detach(), b) for p, b in zip(ps, before))
     assert float(opt.state[ps[0]]["step"]) == 1.0  # the skipped step was not counted
+
+
+def test_warmup_cosine_is_train_rewards_former_inline_schedule():
+    import math
+
+    from idgrpo.engine import warmup_cosine
+
+    total, warmup = 37, 3
+    for step in range(total):
+        # The expression train-reward had inline, to the bit (its golden run pins it); `pi * step / total`, which
+        # the demo once used, differs from it in the last ulp at some steps.
+        inline = min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))))
+        assert warmup_cosine(step, total, warmup=warmup) == inline
+        unclamped = min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / total)))
+        assert warmup_cosine(step, total, warmup=warmup) == pytest.approx(unclamped, rel=1e-15)
+    assert warmup_cosine(0, 100, warmup=20) == pytest.approx(1 / 20)  # the warm-up's first step
+    assert warmup_cosine(19, 100, warmup=20) == pytest.approx(0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 0.19)))
+    assert warmup_cosine(100, 100, warmup=20) == pytest.approx(0.05)  # the floor at the end, and past it
+    assert warmup_cosine(3, 100, warmup=0) == warmup_cosine(3, 100, warmup=1)  # at least one warm-up step
+    assert warmup_cosine(50, 100, warmup=1, floor=0.0) == pytest.approx(0.5)

@@ -63,6 +63,20 @@ def test_uses_the_kernel_attention_and_trains(monkeypatch, scenes):
     assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
+def test_sdpa_attention_gives_the_same_rewards(scenes):
+    torch.manual_seed(4)
+    model = IdentityRewardModel(TINY).eval()
+    frames = torch.stack([s.frames for s in scenes])
+    refs = [s.references for s in scenes]
+    ours = model.score(frames, refs)
+    model.set_attention_impl("sdpa")
+    torch.testing.assert_close(model.score(frames, refs), ours, rtol=1e-5, atol=1e-5)
+    model.set_attention_impl("idgrpo")
+    assert torch.equal(model.score(frames, refs), ours)
+    with pytest.raises(ValueError, match="attention_impl='flash'"):
+        model.set_attention_impl("flash")
+
+
 def test_save_load_roundtrip_and_presets(tmp_path, scenes):
     torch.manual_seed(3)
     model = IdentityRewardModel(TINY).eval()

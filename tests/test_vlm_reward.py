@@ -99,6 +99,19 @@ def test_reward_is_rm_head_of_the_final_hidden_state_at_the_reward_token(reward)
     assert (scores - expected).abs().max() < 1e-5
 
 
+def test_attention_switch_reaches_the_backbone_and_keeps_the_rewards(reward):
+    frames, references, prompts = batch_inputs(3)
+    ours = reward.score(frames, references, prompts)
+    reward.set_attention_impl("sdpa")
+    try:
+        assert {type(m).__name__: m.attention_fn.__name__ for m in reward.modules() if hasattr(m, "attention_fn")} == {
+            "VisionAttention": "sdpa_attention", "TextAttention": "sdpa_attention"}
+        assert (reward.score(frames, references, prompts) - ours).abs().max() < 1e-5
+    finally:
+        reward.set_attention_impl("idgrpo")
+    assert torch.equal(reward.score(frames, references, prompts), ours)
+
+
 def test_text_after_the_reward_token_does_not_change_the_reward(reward, base_dir):
     frames, references, prompts = batch_inputs(seed=3)
     longer = dataclasses.replace(CONFIG, instruction=CONFIG.instruction + " and some more words")

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from idgrpo.engine.dist import barrier, world
 from idgrpo.engine.faults import fault_point
 from idgrpo.engine.fsdp import FSDP, FlatGroup
 from idgrpo.engine.optim import NonFiniteError, nonfinite_summary
@@ -61,17 +62,6 @@ class CheckpointError(RuntimeError):
 class CheckpointDamaged(CheckpointError):
     """A checkpoint whose files are unreadable, cut short, inconsistent with its index or hold NaN/Inf (rather
     than one that does not fit the model): `load_latest` falls back to an older one."""
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -266,7 +256,7 @@ class Checkpointer:
         self.config = config
         self.include_frozen = include_frozen
         self.log = log or (lambda message: print(f"idgrpo: {message}", file=sys.stderr, flush=True)
-                           if _rank_world()[0] == 0 else None)
+                           if world()[0] == 0 else None)
         self.loaded: Path | None = None
         """The checkpoint the last `load_latest` / `load` read."""
 
@@ -296,7 +286,7 @@ class Checkpointer:
         they were (Note [crash safety])."""
         if not isinstance(model, FSDP):
             raise TypeError(f"Checkpointer.save expects an FSDP-wrapped model, got {type(model).__name__}")
-        rank, world_size = _rank_world()
+        rank, world_size = world()
         device = model.groups[0].master.device
         name = f"step_{step:08d}"
         final, tmp = self.directory / name, self.directory / f".tmp_{name}"
@@ -309,7 +299,7 @@ class Checkpointer:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
-        _barrier()
+        barrier()
 
         metadata = {"format": FORMAT, "rank": str(rank), "world_size": str(world_size), "step": str(step),
                     "python_random": json.dumps(random.getstate())}
@@ -453,7 +443,7 @@ class Checkpointer:
         its files are unreadable, cut short, disagree with its index or hold a NaN/Inf; CheckpointError when it does
         not fit the model."""
         path = Path(path)
-        rank, world_size = _rank_world()
+        rank, world_size = world()
         index_path = path / "index.json"
         if not index_path.is_file():
             raise CheckpointError(f"{index_path}: missing (not a complete checkpoint)")
@@ -590,7 +580,7 @@ def export_full_weights(model: FSDP, path: str | Path, *, dtype: torch.dtype | N
     diffusers' `save_pretrained` uses); `key_map` renames keys. A collective; rank 0 writes (NonFiniteError and
     nothing written when a weight holds a NaN/Inf)."""
     state = model.full_state_dict()
-    rank, _ = _rank_world()
+    rank, _ = world()
     if rank != 0:
         return None
     path = Path(path)
@@ -618,7 +608,7 @@ def export_lora(model: FSDP, directory: str | Path, *, adapter_config: dict,
         if field not in adapter_config:
             raise ValueError(f"adapter_config needs {field!r} (PEFT's LoraConfig field)")
     state = model.full_state_dict(trainable_only=True)
-    rank, _ = _rank_world()
+    rank, _ = world()
     if rank != 0:
         return None
     weights = {key_map(k): (v.to(dtype) if dtype else v).contiguous() for k, v in state.items() if name_filter(k)}

@@ -7,7 +7,9 @@ Usage:
 Note: world size 1 is just a small world. Without torchrun's environment we still create a
 real process group (one rank, in-process HashStore), so every collective at every call site
 runs and is trivially correct; nothing in the engine or the trainers branches on "distributed
-or not".
+or not". `world()` and `barrier()` also work before a group exists ((0, 1) and nothing): the
+engine's checkpoints, run directories and fault points use them, and may run in a process that
+never initialised one.
 """
 
 from __future__ import annotations
@@ -103,12 +105,6 @@ def init_distributed(timeout_s: float | None = None, *, default_timeout_s: float
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
 
 
-def shutdown() -> None:
-    """Destroy the process group (safe to call twice)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def world() -> tuple[int, int]:
     """(rank, world_size) of the default group; (0, 1) before initialisation."""
     if dist.is_initialized():
@@ -116,18 +112,7 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """In-place mean over ranks (fp32 accumulation for low-precision inputs); returns `t`."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return t
-    buf = t if t.dtype in (torch.float32, torch.float64) else t.float()
-    dist.all_reduce(buf)
-    buf.div_(dist.get_world_size())
-    if buf is not t:
-        t.copy_(buf)
-    return t
-
-
 def barrier() -> None:
+    """Wait for every rank of the default group; nothing before initialisation."""
     if dist.is_initialized():
         dist.barrier()

@@ -7,7 +7,7 @@
     IDGRPO_FAULT=write/rank_00000.safetensors:3:enospc idgrpo train-reward ...              # the disk fills up
 
 - point: a point name or a shell-style pattern of them (`write/*`);
-- rank: only this rank faults (default: every rank that reaches the point);
+- rank: only this rank of the process group faults (rank 0 before the group exists; default: every rank);
 - count: fault on the count-th time this process reaches a matching point (default 1);
 - action: `exit` (default): `os._exit(FAULT_EXIT_CODE)`, as abrupt as a kill (no cleanup, no `finally`, no buffered
   output); `raise`: `InjectedFault`, a BaseException, so that in-process tests can stop a run without ending the
@@ -27,6 +27,8 @@ import fnmatch
 import os
 import sys
 from collections.abc import Callable
+
+from idgrpo.engine.dist import world
 
 FAULT_ENV = "IDGRPO_FAULT"
 FAULT_EXIT_CODE = 86
@@ -54,13 +56,6 @@ def _parse(spec: str) -> tuple[str, int | None, int, str]:
     return pattern, int(rank) if rank else None, count, action
 
 
-def _rank() -> int:
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
-
-
 def fault_point(name: str, torn: Callable[[], None] | None = None) -> None:
     """Fault here when $IDGRPO_FAULT names this point (see the module docstring); otherwise do nothing."""
     spec = os.environ.get(FAULT_ENV) or None
@@ -69,7 +64,7 @@ def fault_point(name: str, torn: Callable[[], None] | None = None) -> None:
     if spec is None:
         return
     pattern, rank, count, action = _state["parsed"]
-    if not fnmatch.fnmatchcase(name, pattern) or (rank is not None and rank != _rank()):
+    if not fnmatch.fnmatchcase(name, pattern) or (rank is not None and rank != world()[0]):
         return
     _state["hits"] += 1
     if _state["hits"] != count:

@@ -1,5 +1,5 @@
-"""AdamW over the local fp32 shards, gradient-norm clipping across shards, and updates that never leave a
-non-finite weight.
+"""AdamW over the local fp32 shards, the warm-up + cosine learning-rate schedule, gradient-norm clipping across
+shards, and updates that never leave a non-finite weight.
 
 Note [non-finite updates]: an update is committed only when the checked values (the loss, the gradient norm) are
 finite on every rank *and* the weights it would produce are finite. The would-be weights of the Adam family are
@@ -12,6 +12,7 @@ count once per logging interval (docs/reliability.md).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -39,6 +40,19 @@ def build_optimizer(params: Iterable[nn.Parameter], *, lr: float, betas: tuple[f
         except ImportError:
             return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=True)
+
+
+def warmup_cosine(step: int, total: int, *, warmup: int, floor: float = 0.05) -> float:
+    """The learning-rate multiplier of optimizer step `step` (0-based) of `total`: a linear warm-up over `warmup`
+    steps (at least one) times a cosine from 1 down to `floor` at step `total` (and past it).
+
+        for group in optimizer.param_groups:
+            group["lr"] = peak_lr * warmup_cosine(step, total_steps, warmup=max(1, int(0.03 * total_steps)))
+
+    Note: the cosine's argument is `pi * min(1, step / total)`, not `pi * step / total`; the two differ in the last
+    bit for some steps, and the golden runs pin this one."""
+    return min(1.0, (step + 1) / max(1, warmup)) * (
+        floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))))
 
 
 def clip_grad_norm_(fsdp_model_or_params, max_norm: float) -> torch.Tensor:

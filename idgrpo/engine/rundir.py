@@ -24,9 +24,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch.distributed as dist
-
 from idgrpo.engine.checkpoint import write_atomic
+from idgrpo.engine.dist import barrier, world
 from idgrpo.errors import UsageError
 
 RUN_FILE = "run.json"
@@ -50,15 +49,6 @@ class RunDir:
     """Mutable settings that differ from the recorded run: flat key -> (old, new)."""
     moved_to: Path | None = None
     """Where `overwrite` moved the previous contents (rank 0; None elsewhere or when nothing was moved)."""
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _plain(value):
@@ -146,9 +136,9 @@ def open_run(path: str | Path, settings: dict, *, mutable: Iterable[str] = (), r
         if changed:
             record.setdefault("changes", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                                      "changed": {k: list(v) for k, v in changed.items()}})
-    _barrier()  # every rank has read the directory before rank 0 changes it
+    barrier()  # every rank has read the directory before rank 0 changes it
     moved_to = None
-    if _rank() == 0:
+    if world()[0] == 0:
         if used and overwrite:
             moved_to = _aside(path)
             log(f"--overwrite: the previous contents of {path} were moved to {moved_to}")
@@ -159,5 +149,5 @@ def open_run(path: str | Path, settings: dict, *, mutable: Iterable[str] = (), r
             log(f"resuming with a changed setting: {label(key)} {old!r} -> {value!r}")
         path.mkdir(parents=True, exist_ok=True)
         write_atomic(record_file, json.dumps(record, indent=1) + "\n")
-    _barrier()
+    barrier()
     return RunDir(path, resuming, changed, moved_to)

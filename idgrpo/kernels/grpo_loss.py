@@ -36,7 +36,9 @@ try:
 except ImportError:  # the reference path works without triton
     triton = None
 
-SCHEDULES = ("identity_grpo", "flow_grpo")
+NOISE_SCHEDULES = ("identity_grpo", "flow_grpo")
+"""The SDE noise-level schedules of `sde_noise_std` (not the sampling grids of `idgrpo.rl.schedules`)."""
+SCHEDULES = NOISE_SCHEDULES  # the former name, still imported by idgrpo/rl/config.py
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -67,8 +69,8 @@ def sde_noise_std(sigma, sigma_next, sigmas_1, *, schedule="identity_grpo", nois
     `sigma_next` does not enter either schedule; it is taken so that every step helper sees
     the same (σ, σ') pair.
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule={schedule!r}: expected one of {SCHEDULES}")
+    if schedule not in NOISE_SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: expected one of {NOISE_SCHEDULES}")
     sigma = torch.as_tensor(sigma)
     dtype = torch.promote_types(sigma.dtype, torch.float32) if sigma.is_floating_point() else torch.float32
     sigma = sigma.to(dtype)

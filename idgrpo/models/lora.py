@@ -348,8 +348,11 @@ def _check_plain_lora(fields: dict, source: Path) -> None:
 
 
 def _read_peft(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
-    """(adapter_config, tensors by our names, weights file) of a PEFT LoRA directory."""
+    """(adapter_config, tensors by our names, weights file) of a PEFT LoRA directory; a tensor holding a NaN/Inf is
+    refused (CheckpointError naming the file and the tensor)."""
     from safetensors.torch import load_file
+
+    from idgrpo.models.weights import refuse_nonfinite
 
     directory = Path(directory)
     config_file, weights_file = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
@@ -361,7 +364,8 @@ def _read_peft(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor], Pa
     for field in ("r", "lora_alpha"):
         if field not in config:
             raise ValueError(f"{config_file}: no {field!r}")
-    return config, {_adapter_name(k): v for k, v in load_file(str(weights_file)).items()}, weights_file
+    tensors = {_adapter_name(k): refuse_nonfinite(weights_file, k, v) for k, v in load_file(str(weights_file)).items()}
+    return config, tensors, weights_file
 
 
 def _load_adapters(module: nn.Module, tensors: dict[str, torch.Tensor], fields: dict, source: Path,
@@ -414,8 +418,10 @@ def load_diffusers_lora(module: nn.Module, path: str | Path, *, lora_alpha: floa
     diffusers' `save_lora_weights` writes it, and return the adapted module names. r, lora_alpha and use_rslora come
     from the header's `lora_adapter_metadata`; a file without it needs `lora_alpha=` (and `use_rslora=`) as trained,
     since diffusers would silently take alpha = r. LoRA is applied to exactly the modules the file names when the
-    module has none."""
+    module has none. A tensor holding a NaN/Inf is refused (CheckpointError naming the file and the tensor)."""
     from safetensors import safe_open
+
+    from idgrpo.models.weights import refuse_nonfinite
 
     file = Path(path)
     if file.is_dir():
@@ -424,7 +430,7 @@ def load_diffusers_lora(module: nn.Module, path: str | Path, *, lora_alpha: floa
         raise FileNotFoundError(f"{file}: missing (diffusers' save_lora_weights writes {DIFFUSERS_WEIGHTS})")
     with safe_open(str(file), framework="pt") as f:
         header = f.metadata() or {}
-        raw = {k: f.get_tensor(k) for k in f.keys()}
+        raw = {k: refuse_nonfinite(file, k, f.get_tensor(k)) for k in f.keys()}
     outside = sorted(k for k in raw if not k.startswith(prefix + "."))
     if outside:
         raise ValueError(f"{file}: {len(outside)} tensors are not under `{prefix}.` (e.g. {outside[0]}); only a "

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from idgrpo.kernels.attention import attention
 from idgrpo.kernels.norm import rms_norm
 from idgrpo.kernels.rope import apply_rope, mrope_table
-from idgrpo.models.weights import CheckpointError, check_keys, expected_shapes, materialize_
+from idgrpo.models.weights import CheckpointError, check_keys, expected_shapes, materialize_, refuse_nonfinite
 
 
 @dataclass
@@ -205,7 +205,7 @@ def sdpa_attention(q, k, v, *, causal=False, k_lens=None, cu_seqlens_q=None, cu_
                    max_seqlen_k=None):
     """`idgrpo.kernels.attention.attention` semantics on torch SDPA, the way transformers runs Qwen2.5-VL with
     attn_implementation="sdpa" (varlen: one call per sequence, reading cu_seqlens on the host; dense: a boolean
-    causal + padding mask). The baseline of bench/reward.py; select it with `Qwen2_5_VL.set_attention("sdpa")`."""
+    causal + padding mask). The baseline of bench/reward.py; select it with `Qwen2_5_VL.set_attention_impl("sdpa")`."""
     if cu_seqlens_q is not None:
         starts = cu_seqlens_q.tolist()
         outs = [sdpa_attention(q[None, a:b], k[None, a:b], v[None, a:b])[0] for a, b in zip(starts[:-1], starts[1:])]
@@ -486,13 +486,16 @@ class Qwen2_5_VL(nn.Module):
             x = layer(x, cos, sin, lengths)
         return self.model.norm(x)
 
-    def set_attention(self, implementation: str) -> None:
-        """"idgrpo" (the project's kernel, default) or "sdpa" (torch SDPA as transformers runs it: baseline)."""
-        if implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention {implementation!r}: expected one of {sorted(ATTENTION_IMPLEMENTATIONS)}")
+    def set_attention_impl(self, impl: str) -> None:
+        """Route every attention through "idgrpo" (the project's kernel, default) or "sdpa" (torch SDPA as
+        transformers runs it: the benchmarks' baseline) from now on."""
+        if impl not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention_impl={impl!r}: expected one of {tuple(ATTENTION_IMPLEMENTATIONS)}")
         for module in self.modules():
             if isinstance(module, (VisionAttention, TextAttention)):
-                module.attention_fn = ATTENTION_IMPLEMENTATIONS[implementation]
+                module.attention_fn = ATTENTION_IMPLEMENTATIONS[impl]
+
+    set_attention = set_attention_impl  # deprecated name, still called by bench/e2e.py
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:  # tied: the embedding matrix (an Embedding, which LoRA does not wrap)
@@ -556,7 +559,8 @@ def load_qwen2_5_vl(path: str | Path, config: Qwen2_5_VLConfig | str | None = No
     """Build Qwen2.5-VL on the meta device and fill it from a HF-layout directory (config.json +
     safetensors, either key naming). A missing `lm_head.weight` is fine when the embeddings are tied; a
     present one is ignored then. `extra_keys`: checkpoint tensors the caller reads itself (e.g. rm_head)
-    and that may be present without error."""
+    and that may be present without error. A tensor holding a NaN/Inf is refused (CheckpointError naming the file
+    and the tensor)."""
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory (expected a HF Qwen2.5-VL model directory)")
@@ -592,7 +596,7 @@ def _iter_tensors(where, names):
     for file, group in by_file.items():
         with safe_open(str(file), framework="pt") as f:
             for name in group:
-                yield name, f.get_tensor(where[name][1])
+                yield name, refuse_nonfinite(file, where[name][1], f.get_tensor(where[name][1]))
 
 
 def save_qwen2_5_vl(model: Qwen2_5_VL, directory: str | Path, *, naming: str = "checkpoint") -> Path:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from idgrpo.errors import UsageError
+
 if TYPE_CHECKING:
     from idgrpo.reward.vlm import VLMRewardConfig
 
@@ -38,7 +40,7 @@ _SCORING_OVERRIDES = {"reward_fps": ("fps", float), "reward_num_frames": ("num_f
 def _setting(config, key: str, required: bool = True) -> str | None:
     value = (getattr(config, "extra", None) or {}).get(key)
     if required and not value:
-        raise ValueError(f"this reward needs --extra {key} ... (see idgrpo.reward.factories)")
+        raise UsageError(f"this reward needs --extra {key} ... (see idgrpo.reward.factories)")
     return value
 
 
@@ -72,7 +74,7 @@ def vlm_scoring_config(config) -> VLMRewardConfig:
         scoring = VLMRewardConfig.load(Path(checkpoint) / REWARD_CONFIG_FILE)
     elif checkpoint:
         if instruction is None:
-            raise ValueError(
+            raise UsageError(
                 f"reward checkpoint {checkpoint} has no {REWARD_CONFIG_FILE}, so it is scored as the published "
                 f"Identity-GRPO reward, with the rubric it was trained on: pass --extra reward_template "
                 f"<identity-grpo>/vace_reward/prompt_template.py (the official file, read without running it) or a "
@@ -87,7 +89,7 @@ def vlm_scoring_config(config) -> VLMRewardConfig:
             try:
                 changes[name] = parse(value)
             except ValueError as e:
-                raise ValueError(f"--extra {key} {value!r}: expected a {parse.__name__}") from e
+                raise UsageError(f"--extra {key} {value!r}: expected a {parse.__name__}") from e
     return dataclasses.replace(scoring, **changes)
 
 
@@ -98,7 +100,7 @@ def vlm(config, device: torch.device) -> Callable:
     dtype_name = _setting(config, "reward_dtype", required=False) or (
         "bfloat16" if torch.device(device).type == "cuda" else "float32")
     if dtype_name not in _DTYPES:
-        raise ValueError(f"reward_dtype={dtype_name!r}: expected one of {sorted(_DTYPES)}")
+        raise UsageError(f"--extra reward_dtype {dtype_name!r}: expected one of {', '.join(sorted(_DTYPES))}")
     base = _setting(config, "reward_base")
     model = VLMReward.from_pretrained(base, _setting(config, "reward_checkpoint", False),
                                       config=vlm_scoring_config(config), dtype=_DTYPES[dtype_name], device=device)

@@ -15,7 +15,8 @@ through the video?
 The reward is a scalar per video (higher = identities kept better); `forward` also returns the
 per-person, per-frame scores. The prompt is not used by this model (the interface accepts it so
 that text-aware rewards plug in the same way). All attention goes through
-`idgrpo.kernels.attention.attention` (Triton on GPU, PyTorch reference on CPU).
+`idgrpo.kernels.attention.attention` (Triton on GPU, PyTorch reference on CPU), or torch SDPA after
+`set_attention_impl("sdpa")` (the benchmarks' baseline).
 
 Presets: `tiny` (CPU, trains in minutes on 32x32 frames), `small`, `base` (GPU).
 """
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 
 from idgrpo.errors import UsageError, above, at_least
 from idgrpo.kernels.attention import attention
+from idgrpo.models.qwen2_5_vl import ATTENTION_IMPLEMENTATIONS, sdpa_attention
 
 
 @dataclass
@@ -88,12 +90,18 @@ class RewardModelConfig:
         return presets[name]
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str) -> torch.Tensor:
+    """q (N, Lq, H, D), k/v (N, Lk, H, D) -> (N, Lq, H, D) through our kernel ("idgrpo") or torch SDPA ("sdpa")."""
+    return attention(q, k, v) if impl == "idgrpo" else sdpa_attention(q, k, v)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block; `context` switches self-attention to cross-attention."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, cross: bool = False):
         super().__init__()
         self.heads = heads
+        self.attention_impl = "idgrpo"  # set by IdentityRewardModel.set_attention_impl
         self.norm_q = nn.LayerNorm(dim)
         self.norm_kv = nn.LayerNorm(dim) if cross else None
         self.q = nn.Linear(dim, dim)
@@ -109,7 +117,7 @@ class Block(nn.Module):
         q = self.q(self.norm_q(x)).view(n, lq, self.heads, d // self.heads)  # (N, Lq, H, Dh)
         source = self.norm_kv(context) if context is not None else self.norm_q(x)
         k, v = self.kv(source).view(n, source.shape[1], 2, self.heads, d // self.heads).unbind(2)  # (N, Lk, H, Dh)
-        return self.out(attention(q, k, v).reshape(n, lq, d))
+        return self.out(_attend(q, k, v, self.attention_impl).reshape(n, lq, d))
 
     def attend_grid(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Every query set against every context: x (B, P, Lq, D), context (B, T, Lk, D) ->
@@ -120,8 +128,8 @@ class Block(nn.Module):
         q = self.q(self.norm_q(x)).view(b, p, 1, lq, h, d // h).expand(b, p, t, lq, h, d // h)
         k, v = self.kv(self.norm_kv(context)).view(b, 1, t, lk, 2, h, d // h).expand(
             b, p, t, lk, 2, h, d // h).unbind(4)
-        out = attention(q.reshape(b * p * t, lq, h, d // h), k.reshape(b * p * t, lk, h, d // h),
-                        v.reshape(b * p * t, lk, h, d // h))  # (B*P*T, Lq, H, Dh)
+        out = _attend(q.reshape(b * p * t, lq, h, d // h), k.reshape(b * p * t, lk, h, d // h),
+                      v.reshape(b * p * t, lk, h, d // h), self.attention_impl)  # (B*P*T, Lq, H, Dh)
         return self.out(out.reshape(b, p, t, lq, d))
 
     def pool(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -163,6 +171,14 @@ class IdentityRewardModel(nn.Module):
         self.score_head = nn.Sequential(nn.LayerNorm(c.dim), nn.Linear(c.dim, 1))
         self.min_mix = nn.Parameter(torch.zeros(()))  # sigmoid -> weight of the soft-min over frames
         self.register_buffer("mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
+
+    def set_attention_impl(self, impl: str) -> None:
+        """Route every attention through "idgrpo" (our kernel, default) or "sdpa" (torch SDPA) from now on."""
+        if impl not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention_impl={impl!r}: expected one of {tuple(ATTENTION_IMPLEMENTATIONS)}")
+        for module in self.modules():
+            if isinstance(module, Block):
+                module.attention_impl = impl
 
     def encode(self, images: torch.Tensor, kind: int) -> torch.Tensor:
         """images uint8 or float in 0..255, (N, S, S, 3) -> tokens (N, L, D)."""

@@ -16,11 +16,13 @@ model, the score head `rm_head`, the resized embeddings and (`--train-vision`) t
 model is written in the published checkpoint layout (`VLMReward.save`) under <out>/final, loadable with
 `VLMReward.from_pretrained(<vlm-base>, <out>/final)`.
 
-Each epoch ends with an evaluation on the held-out split (pairwise accuracy on non-tie pairs, three-way
-accuracy with ties under the Rao-Kupper model, loss, expected calibration error, accuracy per distortion
-kind) and a checkpoint; a rerun with the same --out resumes from the latest checkpoint, with the settings
-recorded in <out>/run.json (only those in `RESUMABLE_SETTINGS` may change; docs/reliability.md). A run whose
-updates keep being undone for NaN/Inf stops after --max-undone-steps of them in a row.
+The loop itself is `fit` (which also trains the reward model of `idgrpo demo`), the held-out metrics
+`evaluate`; each `--model` has its builder in `ARCHITECTURES`. Each epoch ends with an evaluation on the held-out
+split (pairwise accuracy on non-tie pairs, three-way accuracy with ties under the Rao-Kupper model, loss, expected
+calibration error, accuracy per distortion kind) and a checkpoint; a rerun with the same --out resumes from the
+latest checkpoint, with the settings recorded in <out>/run.json (only those in `RESUMABLE_SETTINGS` may change;
+docs/reliability.md). A run whose updates keep being undone for NaN/Inf stops after --max-undone-steps of them in
+a row.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ import csv
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
+import torch.nn as nn
 import tyro
 
 from idgrpo.engine import (
@@ -48,11 +52,13 @@ from idgrpo.engine import (
     progress,
     step_if_finite,
     truncate_jsonl,
+    warmup_cosine,
+    world,
     write_atomic,
 )
 from idgrpo.engine.metrics import strict_json
 from idgrpo.errors import UsageError, above, at_least, device_name, flag, one_of, within
-from idgrpo.reward.data import load_pairs, read_pairs, split_pairs
+from idgrpo.reward.data import PairTensors, load_pairs, read_pairs, split_pairs
 from idgrpo.reward.losses import INVALID, PREFER_A, PREFER_B, TIE, bt_loss, btt_loss, btt_probabilities
 from idgrpo.reward.model import IdentityRewardModel, RewardModelConfig
 
@@ -194,6 +200,12 @@ class TrainRewardConfig:
     def model_config(self) -> RewardModelConfig:
         return RewardModelConfig.from_name(self.preset) if self.preset else self.model
 
+    def fit_config(self) -> FitConfig:
+        """The settings of `fit` and `evaluate`: 3% of the steps warm up, each epoch reseeded (resumable)."""
+        return FitConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, grad_clip=self.grad_clip,
+                         warmup_fraction=0.03, loss=self.loss, ties_k=self.ties_k, flip_augment=self.flip_augment,
+                         seed=self.seed, reseed_each_epoch=True)
+
 
 RESUMABLE_SETTINGS = frozenset({"epochs", "max_minutes", "threads", "device", "collective_timeout",
                                 "max_undone_steps"})
@@ -205,14 +217,71 @@ def _settings_flag(key: str) -> str:
     return "--model" if key == "architecture" else flag(key)
 
 
-def _pairwise_losses(reward_a, reward_b, labels, config: TrainRewardConfig):
+# ----------------------------------------------------------------------------------------
+# fit(): the pairwise training loop (train-reward and the demo)
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """What `fit` and `evaluate` need: the objective, the batches, the schedule."""
+
+    epochs: int
+    """Passes over the training pairs."""
+    batch_size: int
+    """Pairs per optimizer step (global: an FSDP model's ranks split it)."""
+    lr: float
+    """Peak learning rate (`warmup_cosine` down to 5% of it)."""
+    grad_clip: float = 1.0
+    """Max gradient norm."""
+    warmup_fraction: float = 0.03
+    """Linear warm-up over this fraction of all steps (at least one step)."""
+    loss: Literal["btt", "bt"] = "btt"
+    """Bradley-Terry with ties (Rao-Kupper) or plain Bradley-Terry (ties masked)."""
+    ties_k: float = 5.0
+    """Rao-Kupper k (> 1) of the BTT loss and of the three-way probabilities `evaluate` scores."""
+    flip_augment: bool = True
+    """Mirror frames and references of a pair together at random (identity-preserving)."""
+    seed: int = 0
+    """Seed of the shuffles and the mirrors."""
+    reseed_each_epoch: bool = True
+    """True: epoch e's order and mirrors come from a generator seeded with (seed, e), so a resumed run draws the
+    same ones; False: one generator seeded with `seed` draws every epoch's in turn (the demo's stream; such a run
+    cannot resume mid-way)."""
+
+    def __post_init__(self):
+        if self.loss not in ("btt", "bt"):
+            raise ValueError(f"FitConfig.loss must be 'btt' or 'bt', got {self.loss!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"FitConfig: epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if not (self.lr > 0 and self.grad_clip > 0 and self.ties_k > 1 and 0 <= self.warmup_fraction <= 1):
+            raise ValueError(f"FitConfig: lr > 0, grad_clip > 0, ties_k > 1 and 0 <= warmup_fraction <= 1 are "
+                             f"required, got {self.lr}, {self.grad_clip}, {self.ties_k}, {self.warmup_fraction}")
+
+
+def pairwise_loss(reward_a: torch.Tensor, reward_b: torch.Tensor, labels: torch.Tensor,
+                  config: FitConfig) -> torch.Tensor:
+    """The mean BTT or BT loss of (N,) rewards of the A and B sides of N pairs."""
     if config.loss == "btt":
         return btt_loss(reward_a, reward_b, labels, k=config.ties_k)
     return bt_loss(reward_a, reward_b, labels)
 
 
-def _batch(tensors, index, flip: torch.Tensor | None, device):
-    """Gather a batch of pairs: (frames (2N, T, S, S, 3), refs (2N, P, S, S, 3), ref_mask (2N, P), labels)."""
+@dataclass
+class PairBatch:
+    """N pairs as the reward models take them: A rows, then B rows."""
+
+    frames: torch.Tensor  # (2N, T, S, S, 3) uint8, on the device
+    refs: torch.Tensor  # (2N, P, S, S, 3) uint8, on the device
+    ref_mask: torch.Tensor  # (2N, P) bool, on the device (False: padding)
+    labels: torch.Tensor  # (N,) int64, on the device
+    ref_counts: list[int]  # (2N) references per video, read on the host (no device sync)
+    prompts: list[str]  # (2N)
+
+
+def pair_batch(tensors: PairTensors, index: torch.Tensor, flip: torch.Tensor | None, device) -> PairBatch:
+    """The pairs `index` of `tensors` on `device`; where `flip` (N,) is true, both videos of the pair and their
+    references mirrored left-right."""
     frames = torch.cat([tensors.frames_a[index], tensors.frames_b[index]]).to(device)
     refs = torch.cat([tensors.refs_a[index], tensors.refs_b[index]]).to(device)
     ref_mask = torch.cat([tensors.ref_mask[index], tensors.ref_mask[index]]).to(device)
@@ -220,38 +289,120 @@ def _batch(tensors, index, flip: torch.Tensor | None, device):
         both = torch.cat([flip, flip]).to(device).view(-1, 1, 1, 1, 1)
         frames = torch.where(both, frames.flip(-2), frames)
         refs = torch.where(both, refs.flip(-2), refs)
-    return frames, refs, ref_mask, tensors.labels[index].to(device)
+    return PairBatch(frames, refs, ref_mask, tensors.labels[index].to(device),
+                     ref_counts=tensors.ref_mask[index].sum(-1).tolist() * 2,
+                     prompts=[tensors.prompts[i] for i in index.tolist()] * 2)
 
 
-def _rewards(model, tensors, index, frames, refs, ref_mask, config: TrainRewardConfig) -> torch.Tensor:
-    """(2N,) fp32 rewards of a `_batch` (A rows, then B rows) with either reward model."""
-    if config.architecture == "compact":
-        return model(frames, refs, ref_mask)["reward"].float()
-    # VLMReward takes each video's references as a list: the unpadded ones (counts from the host-side mask,
-    # so no device sync) and the pair's prompt.
-    counts = tensors.ref_mask[index].sum(-1).tolist() * 2
-    references = [list(refs[i, :count]) for i, count in enumerate(counts)]
-    prompts = [tensors.prompts[i] for i in index.tolist()] * 2
-    return model.rewards(frames, references, prompts)
+PairRewardFn = Callable[[nn.Module, PairBatch], torch.Tensor]
+"""`rewards(model, batch) -> (2N,)` fp32 rewards of a `PairBatch` (A rows, then B rows): how `fit` and `evaluate`
+call a reward model (`compact_rewards`, `vlm_rewards`)."""
+
+
+def compact_rewards(model: nn.Module, batch: PairBatch) -> torch.Tensor:
+    """`PairRewardFn` of `IdentityRewardModel` (also wrapped in FSDP)."""
+    return model(batch.frames, batch.refs, batch.ref_mask)["reward"].float()
+
+
+def vlm_rewards(model: nn.Module, batch: PairBatch) -> torch.Tensor:
+    """`PairRewardFn` of `VLMReward` (also wrapped in FSDP): each video's unpadded references as a list, and its
+    pair's prompt."""
+    references = [list(batch.refs[i, :count]) for i, count in enumerate(batch.ref_counts)]
+    return model.rewards(batch.frames, references, batch.prompts)
+
+
+@dataclass
+class FitStep:
+    """What `fit` hands `on_step` after each optimizer step (device tensors: reading them syncs)."""
+
+    epoch: int
+    """0-based epoch of the step."""
+    step: int
+    """Optimizer steps done, this one included."""
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    """Before clipping."""
+    skipped: torch.Tensor
+    """1.0 when `step_if_finite` undid the update (NaN/Inf), else 0.0."""
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_set: PairTensors, config: FitConfig, *,
+        rewards: PairRewardFn = compact_rewards, device: str | torch.device = "cpu", start_epoch: int = 0,
+        step: int = 0, progress_desc: str = "epoch", on_step: Callable[[FitStep], None] | None = None,
+        on_epoch_end: Callable[[int, int], bool | None] | None = None) -> int:
+    """Pairwise preference training of a reward model on `train_set`, from epoch `start_epoch` (0-based) and
+    optimizer step `step` (a resumed run's) to `config.epochs`; returns the optimizer steps done.
+
+        config = FitConfig(epochs=3, batch_size=32, lr=1e-3)
+        model = IdentityRewardModel(RewardModelConfig.from_name("tiny"))
+        fit(model, build_optimizer(model.parameters(), lr=config.lr, weight_decay=0.01), pairs, config)
+        print(evaluate(model, held_out, config, "cpu")["val_acc_non_tie"])   # pairs, held_out: PairTensors
+
+    Each step: a batch of the epoch's order (mirrored at random with `flip_augment`), the learning rate of
+    `warmup_cosine`, the loss of `rewards(model, batch)`, gradient clipping, `step_if_finite`, then
+    `on_step(FitStep)`. After each epoch `on_epoch_end(epochs_done, step)`; a true return stops the run there.
+    A progress bar per epoch (`<progress_desc> e/E`) on rank 0.
+
+    Note [replicated modules]: an FSDP model trains data-parallel: each rank takes its share of the global batch
+    and the engine reduces the gradients and their norm. A plain module is replicated: every rank trains on the
+    whole batch and computes the same update (the demo's stages), so nothing is split and the gradient norm is the
+    local one (torch's `clip_grad_norm_`; the engine's would sum it over the ranks)."""
+    sharded = isinstance(model, FSDP)
+    rank, world_size = world() if sharded else (0, 1)
+    if not config.reseed_each_epoch and start_epoch:
+        raise ValueError("fit: a run with reseed_each_epoch=False draws one stream from its start and cannot "
+                         f"resume at epoch {start_epoch}")
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    warmup = max(1, int(config.warmup_fraction * total_steps))
+    generator = torch.Generator().manual_seed(config.seed)
+    for epoch in range(start_epoch, config.epochs):
+        if config.reseed_each_epoch:
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(train_set), generator=generator)
+        flips = (torch.rand(len(train_set), generator=generator) < 0.5) if config.flip_augment else None
+        for i in progress(range(steps_per_epoch), rank=world()[0], desc=f"{progress_desc} {epoch + 1}/{config.epochs}"):
+            batch = order[i * config.batch_size:(i + 1) * config.batch_size]
+            index = batch[rank::world_size]  # this rank's share of the global batch
+            if len(index) == 0:  # a last batch smaller than the world: repeat a pair (keeps collectives in step)
+                index = batch[:1]
+            pairs = pair_batch(train_set, index, None if flips is None else flips[index], device)
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * warmup_cosine(step, total_steps, warmup=warmup)
+            reward = rewards(model, pairs)
+            loss = pairwise_loss(reward[:len(index)], reward[len(index):], pairs.labels, config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if sharded:
+                grad_norm = clip_grad_norm_(model, config.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            skipped = step_if_finite(optimizer, loss, grad_norm)
+            step += 1
+            if on_step is not None:
+                on_step(FitStep(epoch, step, loss, grad_norm, skipped))
+        if on_epoch_end is not None and on_epoch_end(epoch + 1, step):
+            break
+    return step
 
 
 @torch.no_grad()
-def evaluate(model, tensors, config: TrainRewardConfig, device, batch_size: int = 64) -> dict:
+def evaluate(model: nn.Module, tensors: PairTensors, config: FitConfig, device, *,
+             rewards: PairRewardFn = compact_rewards, batch_size: int = 64) -> dict:
     """Held-out metrics: loss, accuracy on non-tie pairs, 3-way accuracy with ties (argmax of the
     Rao-Kupper probabilities), tie accuracy, expected calibration error (10 bins over the predicted
-    class's probability), accuracy per pair kind."""
+    class's probability), accuracy per pair kind. Hands the model back in train mode."""
     model.eval()
     rewards_a, rewards_b = [], []
     for start in range(0, len(tensors), batch_size):
         index = torch.arange(start, min(start + batch_size, len(tensors)))
-        frames, refs, ref_mask, _ = _batch(tensors, index, None, device)
-        reward = _rewards(model, tensors, index, frames, refs, ref_mask, config)
+        reward = rewards(model, pair_batch(tensors, index, None, device))
         rewards_a.append(reward[:len(index)])
         rewards_b.append(reward[len(index):])
     model.train()
     ra, rb = torch.cat(rewards_a).cpu(), torch.cat(rewards_b).cpu()
     labels = tensors.labels
-    loss = float(_pairwise_losses(ra, rb, labels, config))
+    loss = float(pairwise_loss(ra, rb, labels, config))
     non_tie = (labels == PREFER_A) | (labels == PREFER_B)
     predicted_sign = torch.where(ra > rb, PREFER_A, PREFER_B)
     correct_non_tie = (predicted_sign == labels) & non_tie
@@ -325,6 +476,83 @@ def _build_vlm(config: TrainRewardConfig, device):
                                          dtype=torch.float32, device=device, seed=config.seed)
 
 
+class CompactTraining:
+    """`--model compact`: the compact identity reward model, from --preset / --model.* or --init-from, every weight
+    trained or (--lora-rank) LoRA adapters and the score head."""
+
+    rewards = staticmethod(compact_rewards)
+
+    def __init__(self, config: TrainRewardConfig):
+        self.config = config
+        # Loaded before the data: its config decides the image size.
+        self.initial = IdentityRewardModel.load(config.init_from).train() if config.init_from is not None else None
+        self.model_config = self.initial.config if self.initial is not None else config.model_config()
+        self.image_size = self.model_config.image_size
+
+    def build(self) -> tuple[nn.Module, list[nn.Module] | None]:
+        """The module to train (fp32, on the host) and its FSDP units (None: the default search)."""
+        module = self.initial if self.initial is not None else IdentityRewardModel(self.model_config)
+        if self.config.lora_rank:
+            _apply_lora(module, self.config)
+        return module, None
+
+    def export(self, model: FSDP, out: Path) -> None:
+        """<out>/final (and with LoRA <out>/final_lora in PEFT format) on rank 0. A collective: every rank."""
+        state = model.full_state_dict()
+        if world()[0] != 0:
+            return
+        final = IdentityRewardModel(self.model_config)
+        if self.config.lora_rank:
+            from idgrpo.models.lora import merge_lora, save_peft
+
+            _apply_lora(final, self.config)
+            final.load_state_dict(state)
+            save_peft(final, out / "final_lora")
+            merge_lora(final)
+            merged = {k: v for k, v in final.state_dict().items() if ".lora_" not in k}
+            final = IdentityRewardModel(self.model_config)
+            final.load_state_dict(merged)
+        else:
+            final.load_state_dict(state)
+        final.save(out / "final")
+
+
+class VLMTraining:
+    """`--model vlm`: the Qwen2.5-VL reward (`VLMReward`) with the published recipe's trainable parts."""
+
+    rewards = staticmethod(vlm_rewards)
+
+    def __init__(self, config: TrainRewardConfig):
+        self.config = config
+        self.image_size = config.vlm_image_size
+
+    def build(self) -> tuple[nn.Module, list[nn.Module] | None]:
+        """The module to train, on the host (fp32 masters; FSDP moves the shards), and one FSDP unit per vision
+        block and per decoder layer (they sit below the top level, so the default unit search would miss them)."""
+        module = _build_vlm(self.config, "cpu").train()
+        return module, [*module.backbone.visual.blocks, *module.backbone.model.layers]
+
+    def export(self, model: FSDP, out: Path) -> None:
+        """<out>/final in the published checkpoint layout on rank 0. A collective: every rank."""
+        # With a base directory only the trained tensors are needed (the rest is the base); a random preset needs
+        # everything.
+        state = model.full_state_dict(trainable_only=self.config.vlm_base is not None)
+        if world()[0] != 0:
+            return
+        final = _build_vlm(self.config, "cpu")
+        missing = {n for n, _ in final.named_parameters()} - set(state)
+        if self.config.vlm_base is None and missing:
+            raise RuntimeError(f"train-reward: parameters missing from the trained state: {sorted(missing)[:5]}")
+        final.load_state_dict(state, strict=False)
+        base = str(self.config.vlm_base) if self.config.vlm_base else None
+        final.save(out / "final", base_model_name_or_path=base)
+
+
+ARCHITECTURES = {"compact": CompactTraining, "vlm": VLMTraining}
+"""--model -> its builder: `image_size` (the side pairs are loaded at), `build()`, `rewards` (a `PairRewardFn`),
+`export(model, out)`."""
+
+
 def _device(name: str, info_device: torch.device) -> torch.device:
     return info_device if name == "auto" else torch.device(name)
 
@@ -350,12 +578,9 @@ def train_reward(config: Annotated[TrainRewardConfig, tyro.conf.arg(name="")]) -
     say = lambda message: print(f"train-reward: {message}") if main else None
     run = open_run(out, config.run_settings(), mutable=RESUMABLE_SETTINGS, resume=config.resume,
                    overwrite=config.overwrite, label=_settings_flag, log=say)
-    vlm = config.architecture == "vlm"
-    # Loaded before the data: its config decides the image size.
-    initial = IdentityRewardModel.load(config.init_from).train() if config.init_from is not None else None
-    model_config = initial.config if initial is not None else config.model_config()
-    load = dict(num_frames=config.num_frames, image_size=config.vlm_image_size if vlm else model_config.image_size,
-                skip_bad_rows=config.skip_bad_rows, report=report)
+    architecture = ARCHITECTURES[config.architecture](config)
+    load = dict(num_frames=config.num_frames, image_size=architecture.image_size, skip_bad_rows=config.skip_bad_rows,
+                report=report)
     train_set, val_set = load_pairs(train_pairs, **load), load_pairs(val_pairs, **load)
     if main:
         if report.skipped:
@@ -366,24 +591,11 @@ def train_reward(config: Annotated[TrainRewardConfig, tyro.conf.arg(name="")]) -
               f"{info.world_size} process(es), device {device}")
 
     torch.manual_seed(config.seed)
+    module, units = architecture.build()
     compute_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
-    if vlm:
-        # Built on the host (fp32 masters); FSDP moves the shards. One unit per vision block and per
-        # decoder layer (they sit below the top level, so the default unit search would miss them).
-        module = _build_vlm(config, "cpu").train()
-        units = [*module.backbone.visual.blocks, *module.backbone.model.layers]
-    else:
-        module = initial if initial is not None else IdentityRewardModel(model_config)
-        if config.lora_rank:
-            _apply_lora(module, config)
-        units = None
     model = FSDP(module, units=units, compute_dtype=compute_dtype, device=device)
     optimizer = build_optimizer(model.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    warmup = max(1, int(0.03 * total_steps))
-    schedule = lambda step: min(1.0, (step + 1) / warmup) * (
-        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps))))
+    fit_config = config.fit_config()
     checkpointer = Checkpointer(out / "checkpoints", keep=2, config=asdict(config), log=say)
     step, epoch_done, history = 0, 0, []
     resumed = checkpointer.load_latest(model, optimizer) if run.resuming else None
@@ -397,76 +609,37 @@ def train_reward(config: Annotated[TrainRewardConfig, tyro.conf.arg(name="")]) -
     metrics = Metrics(out, rank=info.rank, all_reduce=True, truncate_after=step if run.resuming else None)
     guard = NonFiniteGuard(config.max_undone_steps, hint="lower --lr, or raise --max-undone-steps")
     started = time.monotonic()
-    for epoch in range(epoch_done, config.epochs):
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(train_set), generator=generator)
-        flips = (torch.rand(len(train_set), generator=generator) < 0.5) if config.flip_augment else None
-        for i in progress(range(steps_per_epoch), rank=info.rank, desc=f"epoch {epoch + 1}/{config.epochs}"):
-            batch = order[i * config.batch_size:(i + 1) * config.batch_size]
-            index = batch[info.rank::info.world_size]  # this rank's share of the global batch
-            if len(index) == 0:  # a last batch smaller than the world: repeat a pair (keeps collectives in step)
-                index = batch[:1]
-            frames, refs, ref_mask, labels = _batch(train_set, index, None if flips is None else flips[index],
-                                                    device)
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * schedule(step)
-            reward = _rewards(model, train_set, index, frames, refs, ref_mask, config)
-            loss = _pairwise_losses(reward[:len(index)], reward[len(index):], labels, config)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = clip_grad_norm_(model, config.grad_clip)
-            skipped = step_if_finite(optimizer, loss, grad_norm)
-            guard.update(skipped)
-            metrics.add("skipped_steps", skipped)
-            metrics.add("train_loss", loss)
-            metrics.add("grad_norm", grad_norm)
-            step += 1
+
+    def log_step(done: FitStep) -> None:
+        guard.update(done.skipped)
+        metrics.add("skipped_steps", done.skipped)
+        metrics.add("train_loss", done.loss)
+        metrics.add("grad_norm", done.grad_norm)
+
+    def end_epoch(epoch: int, step: int) -> bool:
+        """Log, evaluate and checkpoint the finished epoch; true once --max-minutes have passed."""
         train_stats = metrics.flush(step)
         guard.check(step)
-        record = {"epoch": epoch + 1, "step": step, **train_stats,
-                  "minutes": (time.monotonic() - started) / 60, **evaluate(model, val_set, config, device)}
+        record = {"epoch": epoch, "step": step, **train_stats, "minutes": (time.monotonic() - started) / 60,
+                  **evaluate(model, val_set, fit_config, device, rewards=architecture.rewards)}
         history.append(record)
         if main:
             with (out / "eval.jsonl").open("a") as f:
                 f.write(strict_json(record) + "\n")
-            print(f"epoch {epoch + 1}: train_loss {record['train_loss']:.4f} val_loss {record['val_loss']:.4f} "
+            print(f"epoch {epoch}: train_loss {record['train_loss']:.4f} val_loss {record['val_loss']:.4f} "
                   f"acc(non-tie) {format_metric(record['val_acc_non_tie'])} "
                   f"acc(ties) {format_metric(record['val_acc_with_ties'])} ece {format_metric(record['val_ece'])}")
-        checkpointer.save(step, model, optimizer, extra={"epoch": epoch + 1, "history": history})
-        if config.max_minutes and (time.monotonic() - started) / 60 > config.max_minutes:
-            if main:
-                print(f"train-reward: time limit of {config.max_minutes} minutes reached after epoch {epoch + 1}")
-            break
-    metrics.close()
-    if vlm:
-        # With a base directory only the trained tensors are needed (the rest is the base); a random
-        # preset needs everything. A collective: every rank.
-        state = model.full_state_dict(trainable_only=config.vlm_base is not None)
-        if main:
-            final = _build_vlm(config, "cpu")
-            missing = {n for n, _ in final.named_parameters()} - set(state)
-            if config.vlm_base is None and missing:
-                raise RuntimeError(f"train-reward: parameters missing from the trained state: {sorted(missing)[:5]}")
-            final.load_state_dict(state, strict=False)
-            final.save(out / "final", base_model_name_or_path=str(config.vlm_base) if config.vlm_base else None)
-            _write_summary(out, config, report, history)
-        return 0
-    state = model.full_state_dict()  # a collective: every rank
-    if main:
-        final = IdentityRewardModel(model_config)
-        if config.lora_rank:
-            from idgrpo.models.lora import merge_lora, save_peft
+        checkpointer.save(step, model, optimizer, extra={"epoch": epoch, "history": history})
+        out_of_time = bool(config.max_minutes) and (time.monotonic() - started) / 60 > config.max_minutes
+        if out_of_time and main:
+            print(f"train-reward: time limit of {config.max_minutes} minutes reached after epoch {epoch}")
+        return out_of_time
 
-            _apply_lora(final, config)
-            final.load_state_dict(state)
-            save_peft(final, out / "final_lora")
-            merge_lora(final)
-            merged = {k: v for k, v in final.state_dict().items() if ".lora_" not in k}
-            final = IdentityRewardModel(model_config)
-            final.load_state_dict(merged)
-        else:
-            final.load_state_dict(state)
-        final.save(out / "final")
+    fit(model, optimizer, train_set, fit_config, rewards=architecture.rewards, device=device,
+        start_epoch=epoch_done, step=step, on_step=log_step, on_epoch_end=end_epoch)
+    metrics.close()
+    architecture.export(model, out)
+    if main:
         _write_summary(out, config, report, history)
     return 0
 

@@ -44,7 +44,7 @@ from idgrpo.models.qwen2_5_vl import (
     to_new_hf_key,
 )
 from idgrpo.models.qwen_processor import QwenBatch, QwenProcessor, QwenProcessorConfig
-from idgrpo.models.weights import CheckpointError
+from idgrpo.models.weights import CheckpointError, refuse_nonfinite
 
 PEFT_PREFIX = "base_model.model."
 NON_LORA_FILES = ("non_lora_state_dict.safetensors", "non_lora_state_dict.pth")
@@ -243,6 +243,11 @@ class VLMReward(nn.Module):
 
     # ------------------------------------------------------------------------- forward
 
+    def set_attention_impl(self, impl: str) -> None:
+        """"idgrpo" (our kernel, default) or "sdpa" (torch SDPA) in the backbone from now on: the same switch as the
+        compact `IdentityRewardModel` and `WanDiT`, so callers need not know which reward model they hold."""
+        self.backbone.set_attention_impl(impl)
+
     def forward(self, batch: QwenBatch) -> torch.Tensor:
         """(B,) fp32 rewards: rm_head of the final-normed hidden state at the reward token."""
         hidden = self.backbone(batch.input_ids, batch.position_ids, **batch.model_inputs())  # (B, L, C)
@@ -390,7 +395,7 @@ def _read_non_lora(directory: Path) -> dict[str, torch.Tensor]:
                 raise CheckpointError(f"{file}: cannot read as a weights-only state dict ({e})") from e
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{file}: expected a flat dict of tensors")
-        return {_strip(k): v for k, v in state.items()}
+        return {_strip(k): refuse_nonfinite(file, k, v) for k, v in state.items()}
     raise CheckpointError(f"{directory}: no {' or '.join(NON_LORA_FILES)} (the reward checkpoint's rm_head and "
                           f"resized embeddings)")
 
@@ -401,7 +406,8 @@ def _load_adapters(backbone: Qwen2_5_VL, directory: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     config = json.loads((directory / "adapter_config.json").read_text())
-    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    weights_file = directory / "adapter_model.safetensors"
+    tensors = {k: refuse_nonfinite(weights_file, k, v) for k, v in load_file(str(weights_file)).items()}
     new_names = any(".language_model." in k or k.startswith(PEFT_PREFIX + "model.visual.") for k in tensors)
     if not new_names:
         load_peft(backbone, directory)
