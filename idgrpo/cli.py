@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("idgrpo.env:env", "Versions, devices, optional accelerators and the kernel backend per op."),
     "encode-prompts": ("idgrpo.models.prompt_cache:encode_prompts", "Cache umT5 prompt embeddings."),
     "train-grpo": ("idgrpo.rl.recipe:train_grpo", "Identity-GRPO training (presets tiny, vace-1.3b, phantom-1.3b)."),
+    "plan": ("idgrpo.plan:plan", "Per-GPU memory, FLOPs and the torchrun command of a train-grpo preset on a layout."),
     "export-lora": ("idgrpo.rl.trainer:export_run_lora",
                     "Write a GRPO run's LoRA adapters in PEFT's or diffusers' format (docs/lora.md)."),
     "synth-pairs": ("idgrpo.reward.distortions:synth_pairs", "Make labelled identity preference pairs by distortions."),

@@ -233,3 +233,232 @@ def test_torchrun_rank_killed_mid_write_then_resumed(pairs, two_ranks, tmp_path)
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")) == ["step_00000002"]
     run_distributed(_resume, 2, pairs, out, timeout_s=300)
     assert_same_run(run_state(out), run_state(root / "reference"))
+
+
+# ---------------------------------------------------------------------------------------------- train-grpo
+# The tiny Wan DiT with LoRA (so the LoRA and EMA exports exist), 3 epochs of 2 optimizer steps, saved every epoch.
+# Each save writes, in order: the EMA checkpoint (checkpoints_ema/: rank files, index, publish, prune),
+# ema.safetensors, the EMA's LoRA (lora_ema/, lora_ema_diffusers/), the LoRA (lora/, lora_diffusers/), and last the
+# checkpoint (checkpoints/); so the n-th save reaches each `write/...` point of a checkpoint or a LoRA export for the
+# (2n-1)-th and 2n-th time.
+GRPO_EPOCHS = 3
+GRPO_EXPORTS = ("ema.safetensors", "lora/adapter_model.safetensors", "lora_diffusers/pytorch_lora_weights.safetensors",
+                "lora_ema/adapter_model.safetensors", "lora_ema_diffusers/pytorch_lora_weights.safetensors")
+
+
+def grpo_args(out: Path) -> list[str]:
+    return ["train-grpo", "tiny", "--model", "tiny", "--lora-rank", "4", "--lora-alpha", "4", "--num-steps", "2",
+            "--group-size", "2", "--prompts-per-epoch", "2", "--rollout-batch-size", "2", "--updates-per-epoch", "2",
+            "--epochs", str(GRPO_EPOCHS), "--save-every", "1", "--eval-every", "0", "--run-dir", str(out)]
+
+
+def grpo_run_state(out: Path) -> dict:
+    """What a finished train-grpo run leaves that must not depend on where it was stopped (wall times left out):
+    the last checkpoint and EMA checkpoint (weights, AdamW moments and step, RNG, counters, history), the exports and
+    the log."""
+    state = {}
+    for folder in ("checkpoints", "checkpoints_ema"):
+        steps = sorted((out / folder).glob("step_*"))
+        index = json.loads((steps[-1] / "index.json").read_text())
+        state[folder] = [p.name for p in steps]
+        state[f"{folder}/last"] = {f.name: load_file(f) for f in sorted(steps[-1].glob("rank_*.safetensors"))}
+        state[f"{folder}/extra"] = index["extra"]
+    for export in GRPO_EXPORTS:
+        state[export] = {"": load_file(out / export)}
+    for config in ("lora/adapter_config.json", "lora_ema/adapter_config.json"):
+        state[config] = (out / config).read_text()
+    state["metrics"] = [{k: v for k, v in json.loads(line).items() if k != "time_s"}
+                        for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return state
+
+
+def assert_same_grpo_run(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()):  # tensors by file
+            assert got[key].keys() == value.keys(), key
+            for file, tensors in value.items():
+                assert got[key][file].keys() == tensors.keys(), f"{key} {file}"
+                for name, tensor in tensors.items():
+                    assert torch.equal(got[key][file][name], tensor), f"{key} {file}: {name} differs"
+        else:
+            assert got[key] == value, f"{key} differs from the uninterrupted run"
+    assert [r["step"] for r in got["metrics"]] == list(range(GRPO_EPOCHS))  # each epoch logged once
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """train-grpo has no --threads: the in-process runs use one thread, as the killed subprocesses do
+    (OMP_NUM_THREADS=1), so that every run adds its floats in the same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def grpo_reference(one_thread, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grpo_reference") / "run"
+    main(grpo_args(out))
+    return grpo_run_state(out)
+
+
+GRPO_STOPS = [  # (spec, the epoch the resumed run starts from)
+    ("step:3", 1),                                    # mid-step in epoch 1, before the update is committed
+    ("write/rank_00000.safetensors:3", 1),            # save 2: the EMA checkpoint's rank file half written
+    ("checkpoint.publish:3", 1),                      # save 2: the EMA checkpoint written, not yet published
+    ("checkpoint.prune:3", 1),                        # save 2: the EMA checkpoint published, the checkpoint not yet
+    ("write/ema.safetensors:2", 1),                   # save 2: the EMA export half written
+    ("write/adapter_model.safetensors:3", 1),         # save 2: the EMA's LoRA export half written
+    ("write/adapter_model.safetensors:4", 1),         # save 2: the LoRA export half written
+    ("write/rank_00000.safetensors:4", 1),            # save 2: the checkpoint's rank file half written
+    ("write/index.json:4", 1),                        # save 2: the checkpoint's index half written
+    ("checkpoint.publish:4", 1),                      # save 2: the checkpoint written, not yet published
+    ("checkpoint.prune:4", 2),                        # save 2: the checkpoint published, older ones not yet pruned
+    ("write/pytorch_lora_weights.safetensors:6", 2),  # the last save: the diffusers-format LoRA export half written
+    ("metrics.flush:2", 1),                           # half of epoch 1's metrics record written
+    ("write/run.json", 0),                            # the run record half written, at the very start
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec, resumes_at", GRPO_STOPS, ids=[s for s, _ in GRPO_STOPS])
+def test_grpo_stopped_anywhere_then_resumed_equals_the_uninterrupted_run(grpo_reference, tmp_path, monkeypatch,
+                                                                          capsys, spec, resumes_at):
+    out = tmp_path / "run"
+    monkeypatch.setenv(FAULT_ENV, f"{spec}:raise")
+    with pytest.raises(InjectedFault):
+        main(grpo_args(out))
+    monkeypatch.delenv(FAULT_ENV)
+    capsys.readouterr()
+    main(grpo_args(out))
+    printed = capsys.readouterr().out
+    if resumes_at:
+        assert f"(epoch {resumes_at})" in printed
+    else:
+        assert "resumed" not in printed
+    assert_same_grpo_run(grpo_run_state(out), grpo_reference)
+
+
+@pytest.mark.parametrize("spec", ["checkpoint.publish:4", "metrics.flush:2"])
+def test_grpo_killed_process_then_resume_equals_the_uninterrupted_run(grpo_reference, tmp_path, spec):
+    out = tmp_path / "run"
+    env = {**os.environ, FAULT_ENV: spec, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-m", "idgrpo", *grpo_args(out)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == FAULT_EXIT_CODE, killed.stderr[-2000:]
+    if spec.startswith("metrics"):  # the kill left half a record behind
+        assert not (out / "metrics.jsonl").read_text().endswith("\n")
+    main(grpo_args(out))
+    assert_same_grpo_run(grpo_run_state(out), grpo_reference)
+
+
+GRPO_TWO_RANK_CASES = {  # spec -> what each rank's stopped run raises
+    "write/rank_*:3:raise": ("InjectedFault", "InjectedFault"),  # save 2: every rank stopped writing its EMA shard
+    "step:3:raise": ("InjectedFault", "InjectedFault"),
+    "metrics.flush:2:raise": ("InjectedFault", "InjectedFault"),
+    "write/rank_00001.safetensors:4:enospc": ("CheckpointError", "OSError"),  # save 2: rank 1's disk is full
+}
+
+
+def _grpo_two_rank_runs(rank, world_size, root):
+    """The uninterrupted run, then each case: stopped, resumed. Returns what each stopped run raised."""
+    main(grpo_args(root / "reference"))
+    raised = {}
+    for i, spec in enumerate(GRPO_TWO_RANK_CASES):
+        os.environ[FAULT_ENV] = spec
+        try:
+            main(grpo_args(root / f"case{i}"))
+            raised[spec] = None
+        except (Exception, InjectedFault) as e:  # noqa: BLE001 - the stop is the point
+            raised[spec] = type(e).__name__
+        finally:
+            del os.environ[FAULT_ENV]
+        main(grpo_args(root / f"case{i}"))
+    return raised
+
+
+@pytest.fixture(scope="module")
+def grpo_two_ranks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo_two_ranks")
+    raised = run_distributed(_grpo_two_rank_runs, 2, root, timeout_s=300)
+    return root, raised
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", range(len(GRPO_TWO_RANK_CASES)))
+def test_grpo_two_processes_stopped_then_resumed_equal_the_uninterrupted_run(grpo_two_ranks, case):
+    root, raised = grpo_two_ranks
+    spec = list(GRPO_TWO_RANK_CASES)[case]
+    assert (raised[0][spec], raised[1][spec]) == GRPO_TWO_RANK_CASES[spec]
+    reference = grpo_run_state(root / "reference")
+    assert set(reference["checkpoints/last"]) == {"rank_00000.safetensors", "rank_00001.safetensors"}
+    assert_same_grpo_run(grpo_run_state(root / f"case{case}"), reference)
+
+
+def _grpo_resume(rank, world_size, out):
+    main(grpo_args(out))
+
+
+@pytest.mark.slow
+def test_grpo_torchrun_rank_killed_mid_write_then_resumed(grpo_two_ranks, tmp_path):
+    root, _ = grpo_two_ranks
+    out = tmp_path / "run"
+    env = {**os.environ, FAULT_ENV: "write/rank_00001.safetensors@1:4", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--master-port", str(free_port()), "-m", "idgrpo", *grpo_args(out)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0 and "exit at write/rank_00001.safetensors" in killed.stderr, killed.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")) == ["step_00000001"]
+    run_distributed(_grpo_resume, 2, out, timeout_s=300)
+    assert_same_grpo_run(grpo_run_state(out), grpo_run_state(root / "reference"))
+
+
+COLLECTIVE_TIMEOUT_S = 10
+
+
+def _grpo_ranks(out: Path, fault: str | None = None) -> list[subprocess.Popen]:
+    """Two train-grpo processes (gloo), started as torchrun starts them, long enough to be stopped midway."""
+    port = str(free_port())
+    env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
+    args = [*grpo_args(out), "--epochs", "200", "--save-every", "1000", "--collective-timeout",
+            str(COLLECTIVE_TIMEOUT_S)]
+    return [subprocess.Popen([sys.executable, "-m", "idgrpo", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True,
+                             env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                  "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                  "OMP_NUM_THREADS": "1", **({FAULT_ENV: fault} if fault and r == 1 else {})})
+            for r in range(2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+def test_grpo_peer_killed_or_stopped_ends_the_others_within_the_collective_timeout(tmp_path, how):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    ranks = _grpo_ranks(out, fault="step@1:5" if how == "killed" else None)  # killed: exits mid-step in epoch 2
+    try:
+        if how == "killed":
+            ranks[1].wait(timeout=300)
+            assert ranks[1].returncode == FAULT_EXIT_CODE
+        else:  # stopped (SIGSTOP, as a hung process or a paused node): alive, but in no collective
+            metrics = out / "metrics.jsonl"
+            deadline = time.monotonic() + 300
+            while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+                assert time.monotonic() < deadline and ranks[0].poll() is None, "the run did not start"
+                time.sleep(0.05)
+            ranks[1].send_signal(signal.SIGSTOP)
+        gone = time.monotonic()
+        output, _ = ranks[0].communicate(timeout=COLLECTIVE_TIMEOUT_S + 120)
+        waited = time.monotonic() - gone
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert ranks[0].returncode == 1, output[-3000:]  # a traceback, as any error that is not a usage error
+    assert "train-grpo: 200 epochs" not in output
+    assert waited < COLLECTIVE_TIMEOUT_S + 60, f"rank 0 ran {waited:.0f} s after its peer was {how}"
+    if how == "stopped":
+        assert waited >= COLLECTIVE_TIMEOUT_S - 1  # it was the timeout that ended it, not a lost connection

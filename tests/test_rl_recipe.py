@@ -93,8 +93,8 @@ def test_load_reward_resolves_a_factory_and_rejects_bad_specs():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("grad_accumulation", "both", "grad_accumulation"), ("adv_std", "batch", "adv_std"),
-    ("reference", "ema", "reference"), ("sde_window_size", 9, "SDE window"), ("clip_range", 0.0, "clip_range")])
+    ("grad_accumulation", "both", "--grad-accumulation"), ("adv_std", "batch", "--adv-std"),
+    ("reference", "ema", "--reference"), ("sde_window_size", 9, "SDE window"), ("clip_range", 0.0, "--clip-range")])
 def test_config_rejects_bad_settings(field, value, message):
     RecipeConfig.from_name("tiny", num_steps=8)  # the defaults are valid
     with pytest.raises(ValueError, match=message):

@@ -135,10 +135,12 @@ PRESETS: dict[str, WanConfig] = {
     "t2v-1.3b": _T2V_1_3B,
     "t2v-14b": _T2V_14B,
     "vace-1.3b": dataclasses.replace(_T2V_1_3B, vace_layers=tuple(range(0, 30, 2)), reference_mode="vace"),
+    # Wan2.1-VACE-14B: a hint after every 5th block (diffusers' WanVACETransformer3DModel config, vace_layers).
     "vace-14b": dataclasses.replace(_T2V_14B, vace_layers=tuple(range(0, 40, 5)), reference_mode="vace"),
-    # Phantom-Wan-1.3B is the plain T2V-1.3B network; its references are extra latent frames
-    # (docs/models.md#phantom).
+    # Phantom-Wan-1.3B / -14B are the plain T2V networks; their references are extra latent frames
+    # (docs/models.md#phantom). The 14B checkpoint is sharded safetensors with original Wan key names.
     "phantom-1.3b": dataclasses.replace(_T2V_1_3B, reference_mode="phantom"),
+    "phantom-14b": dataclasses.replace(_T2V_14B, reference_mode="phantom"),
 }
 
 

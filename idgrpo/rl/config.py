@@ -7,8 +7,9 @@
     RecipeConfig.from_name("vace-1.3b", train_csv="data/train.csv", lr=5e-5)   # flat overrides, routed to each part
     idgrpo train-grpo vace-1.3b --train-csv data/train.csv --lr 5e-5           # the same on the command line
 
-Presets (docs/recipe.md): `tiny` (a CPU run; its policy is the toy flow model, `--model toy`, unless `--model tiny`
-picks the tiny Wan DiT with LoRA), `vace-1.3b` (the Identity-GRPO reference recipe), `phantom-1.3b`.
+Presets (docs/recipe.md, docs/scale-out.md): `tiny` (a CPU run; its policy is the toy flow model, `--model toy`,
+unless `--model tiny` picks the tiny Wan DiT with LoRA), `vace-1.3b` (the Identity-GRPO reference recipe),
+`phantom-1.3b`, `t2v-1.3b` (Flow-GRPO's Wan2.1 text-to-video recipe), `t2v-14b`, `vace-14b`, `phantom-14b`.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from typing import Annotated, Any
 
 import tyro
 
-from idgrpo.errors import UsageError
+from idgrpo.errors import UsageError, above, at_least, flag, one_of, within
 from idgrpo.kernels.grpo_loss import SCHEDULES
 from idgrpo.rl.ema import EMA_SCHEDULES
+from idgrpo.rl.sampler import StepPlan
 from idgrpo.rl.schedules import GRIDS
 
-MODELS = ("toy", "tiny", "vace-1.3b", "phantom-1.3b")
+MODELS = ("toy", "tiny", "t2v-1.3b", "vace-1.3b", "phantom-1.3b", "t2v-14b", "vace-14b", "phantom-14b")
 """`RecipeConfig.model`: the toy flow policy, or a Wan DiT named as `WanConfig.from_name` names it."""
 DTYPES = ("bfloat16", "float32")
 
@@ -162,32 +164,47 @@ class GRPOConfig:
     """Metrics (JSON lines), checkpoints, LoRA (PEFT) + EMA exports, training curves (reward_curve.png) and sample
     videos."""
 
+    # --- parallelism ------------------------------------------------------------------------------------------------
+    sp_size: int = 1
+    """Sequence-parallel group size (Ulysses, docs/scale-out.md): the world is data-parallel groups of sp_size
+    consecutive ranks; a group's ranks roll out and train the same samples, each holding 1/sp_size of every sample's
+    tokens. 1: data parallelism only. Must divide the world size and the policy's attention heads."""
+
     def __post_init__(self):
         for name, choices in (("grid", GRIDS), ("noise_schedule", SCHEDULES), ("adv_std", ("group", "global")),
                               ("reference", ("lora", "copy")), ("grad_accumulation", ("auto", "local", "sharded")),
                               ("eval_solver", ("unipc", "euler")), ("ema_schedule", EMA_SCHEDULES),
                               ("compute_dtype", DTYPES)):
-            if getattr(self, name) not in choices:
-                raise UsageError(f"{name}={getattr(self, name)!r}: expected one of {choices}")
-        if self.max_undone_steps < 0:
-            raise UsageError(f"max_undone_steps must be >= 0, got {self.max_undone_steps}")
-        if self.ema_repeats < 1:
-            raise UsageError(f"ema_repeats must be >= 1, got {self.ema_repeats}")
-        if not 0 < self.timestep_fraction <= 1:
-            raise UsageError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
-        for name in ("num_steps", "group_size", "prompts_per_epoch", "rollout_batch_size", "train_batch_size",
-                     "inner_epochs", "updates_per_epoch", "epochs", "eval_steps", "save_every"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (0 <= self.sde_window_start and self.sde_window_start + max(self.sde_window_size, 0) <= self.num_steps):
-            raise UsageError(f"SDE window [{self.sde_window_start}, +{self.sde_window_size}) is outside "
-                             f"{self.num_steps} steps")
-        for name in ("lr", "clip_range", "adv_clip", "max_grad_norm", "shift"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise UsageError(f"{name} must be a finite number > 0, got {value}")
-        if self.kl_beta < 0 or not 0 <= self.ema_decay < 1 or self.ema_every < 1:
-            raise UsageError("kl_beta must be >= 0, ema_decay in [0, 1), ema_every >= 1")
+            one_of(self, name, choices)
+        # A group of one sample has zero variance: every advantage would be 0, nothing kept, no update ever made.
+        at_least(self, 2, "group_size")
+        at_least(self, 1, "num_steps", "prompts_per_epoch", "rollout_batch_size", "train_batch_size", "inner_epochs",
+                 "updates_per_epoch", "sde_window_stride", "ema_every", "ema_repeats", "epochs", "eval_steps",
+                 "save_every")
+        at_least(self, 0, "sde_window_size", "sde_window_start", "sde_window_slide_every", "max_undone_steps",
+                 "max_reward_failures", "eval_every", "eval_videos")
+        # The per-sample noise seeds derived from it (idgrpo.rl.data) must stay within torch's 64-bit generator seeds.
+        within(self, "seed", 0, 2**31 - 1)
+        at_least(self, 1, "sp_size")  # whether it divides the world and the heads is checked at launch
+        above(self, 0.0, "shift", "noise_level", "lr", "adam_eps", "max_grad_norm", "clip_range", "adv_clip")
+        at_least(self, 0.0, "weight_decay", "kl_beta")
+        within(self, "timestep_fraction", 0.0, 1.0, open_low=True)
+        within(self, "ema_decay", 0.0, 1.0, open_high=True)
+        betas = tuple(self.betas)
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+                                      and 0 <= b < 1 for b in betas):
+            raise UsageError(f"--betas must be two numbers in [0, 1), got {self.betas}")
+        try:  # the first epoch's plan: a window outside the steps, or one without a trained step, is refused here
+            if self.sde_window_slide_every > 0 and self.sde_window_size > 0:
+                StepPlan.sliding(self.num_steps, self.sde_window_size, 0, every=self.sde_window_slide_every,
+                                 stride=self.sde_window_stride, timestep_fraction=self.timestep_fraction)
+            else:
+                StepPlan.build(self.num_steps, window_start=self.sde_window_start, window_size=self.sde_window_size,
+                               timestep_fraction=self.timestep_fraction)
+        except ValueError as e:
+            raise UsageError(f"--num-steps {self.num_steps}, --sde-window-start {self.sde_window_start}, "
+                             f"--sde-window-size {self.sde_window_size}, --timestep-fraction "
+                             f"{self.timestep_fraction}: {e}") from None
 
     @property
     def num_trained_steps(self) -> int:
@@ -258,7 +275,8 @@ class RecipeConfig:
     # --- policy and data --------------------------------------------------------------------------------------------
     model: str = "toy"
     """Policy: "toy" (the toy flow model of `idgrpo.rl.toy`, no LoRA, CPU seconds), "tiny" (the tiny Wan DiT with
-    LoRA, random weights), "vace-1.3b" / "phantom-1.3b" (weights from `weights_dir`, LoRA)."""
+    LoRA, random weights), or a Wan2.1 DiT with weights from `weights_dir`: "vace-1.3b" / "phantom-1.3b" /
+    "vace-14b" / "phantom-14b" (references), "t2v-1.3b" / "t2v-14b" (text only)."""
     weights_dir: str | None = None
     """Directory of the DiT checkpoint (original Wan or diffusers key names); required for the 1.3B models."""
     vae_path: str | None = None
@@ -322,33 +340,39 @@ class RecipeConfig:
 
     grpo: Annotated[GRPOConfig, tyro.conf.arg(name="")] = field(default_factory=GRPOConfig)
     """The algorithm (`GRPOConfig`); its fields are flags at the top level."""
+    collective_timeout: float | None = None
+    """Seconds a collective may wait for a stopped or slow process before the run fails (None:
+    $IDGRPO_COLLECTIVE_TIMEOUT, else 600; docs/reliability.md)."""
 
     def __post_init__(self):
-        if self.model not in MODELS:
-            raise UsageError(f"model={self.model!r}: expected one of {MODELS}")
-        if self.vae_dtype not in DTYPES:
-            raise UsageError(f"vae_dtype={self.vae_dtype!r}: expected one of {DTYPES}")
-        if self.height % 16 or self.width % 16:
-            raise UsageError(f"height/width must be multiples of 16, got {self.height}x{self.width}")
-        if (self.num_frames - 1) % 4:
-            raise UsageError(f"num_frames must be 4k+1, got {self.num_frames}")
-        for name in ("eval_height", "eval_width"):
-            value = getattr(self, name)
-            if value is not None and (value < 16 or value % 16):
-                raise UsageError(f"{name} must be a positive multiple of 16 (or None: the training size), got {value}")
-        if self.eval_num_frames is not None and (self.eval_num_frames < 1 or (self.eval_num_frames - 1) % 4):
-            raise UsageError(f"eval_num_frames must be 4k+1 (or None: num_frames), got {self.eval_num_frames}")
+        one_of(self, "model", MODELS)
+        one_of(self, "vae_dtype", DTYPES)
+        at_least(self, 0, "lora_rank")
+        above(self, 0.0, "lora_alpha")
+        at_least(self, 0.0, "guidance", "guidance_image")
+        sizes = ["height", "width"] + [n for n in ("eval_height", "eval_width") if getattr(self, n) is not None]
+        at_least(self, 16, *sizes)  # `% 16` alone would let 0 and -16 through
+        for name in sizes:
+            if getattr(self, name) % 16:
+                raise UsageError(f"{flag(name)} must be a multiple of 16, got {getattr(self, name)}")
+        lengths = ["num_frames"] + (["eval_num_frames"] if self.eval_num_frames is not None else [])
+        at_least(self, 1, *lengths)
+        for name in lengths:
+            if (getattr(self, name) - 1) % 4:
+                raise UsageError(f"{flag(name)} must be 4k+1 (1, 5, 9, ...), got {getattr(self, name)}")
+        if self.collective_timeout is not None:
+            above(self, 0.0, "collective_timeout")
         if self.model == "toy" and self.eval_size != (self.height, self.width, self.num_frames):
             raise UsageError(f"the toy policy is built for one latent shape: evaluate it at the training size "
                              f"{self.height}x{self.width}x{self.num_frames}, not {self.eval_size}")
         if not isinstance(self.diffusers_ref_resize, bool):
-            raise UsageError(f"diffusers_ref_resize must be a bool, got {self.diffusers_ref_resize!r}")
+            raise UsageError(f"--diffusers-ref-resize must be a bool, got {self.diffusers_ref_resize!r}")
         if self.init_lora is not None and (self.model == "toy" or self.lora_rank == 0):
-            raise UsageError(f"init_lora={self.init_lora!r} needs a LoRA policy: model 'tiny', 'vace-1.3b' or "
-                             f"'phantom-1.3b' with lora_rank > 0 (got model {self.model!r}, lora_rank "
+            raise UsageError(f"--init-lora {self.init_lora}: needs a LoRA policy: --model tiny, vace-1.3b or "
+                             f"phantom-1.3b with --lora-rank > 0 (got --model {self.model}, --lora-rank "
                              f"{self.lora_rank})")
         if self.reward and ":" not in self.reward:
-            raise UsageError(f"reward={self.reward!r}: expected 'module:function'")
+            raise UsageError(f"--reward {self.reward!r}: expected 'module:function'")
         if self.model in ("vace-1.3b", "phantom-1.3b") and self.lora_rank == 0 and self.grpo.reference == "lora":
             raise UsageError("full fine-tuning (lora_rank 0) needs reference='copy' for the KL anchor")
         if self.overwrite:
@@ -406,6 +430,18 @@ _IDENTITY_GRPO = GRPOConfig(
     ema_repeats=4, timestep_fraction=0.99, eval_steps=50, eval_solver="euler", eval_every=5, save_every=5,
 )
 
+# Flow-GRPO's Wan2.1 text-to-video GRPO (`general_ocr_wan2_1` in yifan123/flow_grpo's config/grpo.py, run by its
+# scripts/train_wan2_1.py): 20 steps, groups of 4, 8 videos per GPU per batch and 2 batches per epoch (32 prompts on 8
+# GPUs), 2 optimizer steps per epoch, 19 of 20 steps trained, evaluation with 50 deterministic (Euler) steps.
+_FLOW_GRPO_WAN = GRPOConfig(
+    num_steps=20, shift=3.0, grid="diffusers", noise_schedule="identity_grpo", group_size=4, prompts_per_epoch=32,
+    rollout_batch_size=8, train_batch_size=8, updates_per_epoch=2, lr=1e-4, clip_range=1e-3, adv_clip=5.0,
+    kl_beta=0.004, ema_decay=0.9, ema_every=8, ema_schedule="identity_grpo", ema_repeats=1, timestep_fraction=0.99,
+    eval_steps=50, eval_solver="euler", eval_every=30, save_every=60, activation_checkpointing=True, seed=42,
+)
+# What makes a 14B policy fit (docs/scale-out.md#presets): one video per forward, activation checkpointing.
+_14B = dict(rollout_batch_size=1, train_batch_size=1, activation_checkpointing=True)
+
 PRESETS: dict[str, RecipeConfig] = {
     # A CPU run in seconds: the toy flow policy (or --model tiny: the tiny Wan DiT + LoRA), brightness reward.
     "tiny": RecipeConfig(
@@ -425,5 +461,28 @@ PRESETS: dict[str, RecipeConfig] = {
         model="phantom-1.3b", height=240, width=416, num_frames=33, guidance=7.5, guidance_image=5.0, lora_rank=32,
         lora_alpha=32.0, eval_height=480, eval_width=832, eval_num_frames=81, reward="",
         grpo=dataclasses.replace(_IDENTITY_GRPO, shift=5.0, grid="wan", run_dir="runs/grpo-phantom-1.3b"),
+    ),
+    # Flow-GRPO's Wan2.1 text-to-video recipe (docs/scale-out.md#presets): no references, so any reward but the
+    # identity reward's (--reward MODULE:FACTORY).
+    "t2v-1.3b": RecipeConfig(
+        model="t2v-1.3b", height=240, width=416, num_frames=33, guidance=4.5, lora_rank=32, lora_alpha=64.0,
+        reward="", grpo=dataclasses.replace(_FLOW_GRPO_WAN, run_dir="runs/grpo-t2v-1.3b"),
+    ),
+    # The 14B presets (docs/scale-out.md#presets): 480x832x81, one video per forward, activation checkpointing, FSDP's
+    # sharded frozen base, bf16 compute; launch them with --sp-size (`idgrpo plan` gives the command).
+    "t2v-14b": RecipeConfig(
+        model="t2v-14b", height=480, width=832, num_frames=81, guidance=4.5, lora_rank=0, reward="",
+        grpo=dataclasses.replace(_FLOW_GRPO_WAN, **_14B, prompts_per_epoch=8, lr=1e-5, reference="copy",
+                                 run_dir="runs/grpo-t2v-14b"),
+    ),
+    "vace-14b": RecipeConfig(
+        model="vace-14b", height=480, width=832, num_frames=81, guidance=4.5, lora_rank=32, lora_alpha=32.0,
+        reward="", grpo=dataclasses.replace(_IDENTITY_GRPO, **_14B, prompts_per_epoch=8, run_dir="runs/grpo-vace-14b"),
+    ),
+    "phantom-14b": RecipeConfig(
+        model="phantom-14b", height=480, width=832, num_frames=81, guidance=7.5, guidance_image=5.0, lora_rank=32,
+        lora_alpha=32.0, reward="",
+        grpo=dataclasses.replace(_IDENTITY_GRPO, **_14B, prompts_per_epoch=8, shift=5.0, grid="wan",
+                                 run_dir="runs/grpo-phantom-14b"),
     ),
 }

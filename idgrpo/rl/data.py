@@ -4,6 +4,10 @@ per-sample values of every rank back into the global sample order.
     assignment = assign_epoch(num_rows=100, prompts_per_epoch=4, group_size=8, epoch=3, seed=0, rank=1, world_size=4)
     assignment.local_rows          # the dataset rows of this rank's 8 samples (of 32)
     rewards = all_gather_cat(local_rewards)   # (32,) in global sample order, on every rank
+
+Under sequence parallelism (docs/scale-out.md) the samples are assigned to the data-parallel groups
+(`rank=layout.dp_rank, world_size=layout.dp_size`): every rank of a group holds the group's samples, and
+`all_gather_owned` gathers the values each rank computed for its share of them (the rewards it scored).
 """
 
 from __future__ import annotations
@@ -78,3 +82,16 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
+
+
+def all_gather_owned(t: torch.Tensor, group_size: int = 1) -> torch.Tensor:
+    """`all_gather_cat` for a world of sequence-parallel groups of `group_size` consecutive ranks that hold the same
+    n samples, where each rank computed only the entries i with i % group_size == its place in the group (the
+    samples it decoded and scored; its other entries are ignored). Returns the (world / group_size · n, ...) values
+    in global sample order, each from the rank that owns it. `all_gather_cat` itself for groups of one. A
+    collective."""
+    if group_size == 1:
+        return all_gather_cat(t)
+    rows = all_gather_cat(t[None]).unflatten(0, (-1, group_size))  # (dp, group, n, ...)
+    i = torch.arange(t.shape[0], device=t.device)
+    return rows[:, i % group_size, i].flatten(0, 1)

@@ -21,6 +21,10 @@ Models (`--model`):
   VAE (`vae_dtype`) decodes rollouts for the reward.
 - phantom-1.3b: Phantom-Wan-1.3B + LoRA; clean reference latents appended in time and re-injected every step;
   three-pass guidance (`guidance` = text scale, `guidance_image`).
+- t2v-1.3b, t2v-14b: Wan2.1 text-to-video, no references; any reward but the identity reward's (which needs them).
+- vace-14b, phantom-14b: as the 1.3B ones at 14B. The 14B presets fit on 8 (LoRA) or 16 (full fine-tuning) GPUs of
+  80 GB with `--sp-size` (sequence parallelism); `idgrpo plan <preset> --nproc-per-node N --sp-size S` prints the
+  memory per GPU and the launch command (docs/scale-out.md).
 The reward is `config.reward` = "module:function", a factory called as factory(config, device) -> `RewardFn`
 (the identity reward model's factory for the 1.3B presets), so `rl` never imports `idgrpo.reward`. Evaluation runs
 at `config.eval_size` with its own conditioning. docs/recipe.md relates every setting to the official script.
@@ -38,7 +42,7 @@ import torch
 import tyro
 
 from idgrpo.engine import init_distributed, open_run
-from idgrpo.errors import flag
+from idgrpo.errors import UsageError, flag
 from idgrpo.prompts import PromptRow, read_prompts
 from idgrpo.rl.config import PRESETS, RecipeConfig
 from idgrpo.rl.rollout import RewardFn
@@ -50,13 +54,26 @@ DEMO_PROMPTS = ("a red ball rolls", "two people shake hands", "a cat on a sofa",
 
 
 def load_reward(spec: str, config: RecipeConfig, device: torch.device) -> RewardFn:
-    """Resolve "module:function" and call it as factory(config, device) -> `RewardFn`."""
-    if ":" not in spec:
-        raise ValueError(f"reward={spec!r}: pass --reward module:function, a factory(config, device) returning "
+    """Resolve "module:function" and call it as factory(config, device) -> `RewardFn`. A spec that names no
+    function, and a factory that returns no callable, are refused (`UsageError` naming the factory)."""
+    module, sep, function = spec.partition(":")
+    if not (sep and module and function):
+        raise UsageError(f"--reward {spec!r}: pass --reward module:function, a factory(config, device) returning "
                          "score(frames, references, prompts) -> (B,)")
-    module, function = spec.split(":", 1)
-    factory = getattr(importlib.import_module(module), function)
-    return factory(config, device)
+    try:
+        found = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
+            raise  # the module exists; one of its own imports is missing
+        raise UsageError(f"--reward {spec}: no module {module!r} (is it on PYTHONPATH?)") from None
+    factory = getattr(found, function, None)
+    if not callable(factory):
+        raise UsageError(f"--reward {spec}: module {module!r} has no function {function!r}")
+    score = factory(config, device)
+    if not callable(score):
+        raise UsageError(f"--reward {spec}: the factory returned {type(score).__name__}, not a callable "
+                         "score(frames, references, prompts) -> (B,)")
+    return score
 
 
 # Note [PIL Lanczos]: diffusers' image processor resizes with PIL's LANCZOS filter, which PIL runs as two separable
@@ -166,6 +183,17 @@ def vace_conditioning_builder(vae, text, config: RecipeConfig, n_ref: int):
     return build
 
 
+def text_conditioning_builder(text, config: RecipeConfig):
+    """rows -> Conditioning for text-to-video: the prompt's embedding from `text.lookup` against the negative prompt's
+    (`text.negative`), classifier-free guidance at `config.guidance`; no references."""
+
+    def build(rows):
+        return cfg_conditioning({"context": text.lookup([r.prompt for r in rows])},
+                                {"context": text.negative(len(rows))}, config.guidance)
+
+    return build
+
+
 def phantom_conditioning_builder(vae, text, config: RecipeConfig):
     """rows -> Conditioning for Phantom: clean reference latents appended in time and re-injected at every step,
     three-pass guidance (text scale `config.guidance`, image scale `config.guidance_image`)."""
@@ -190,10 +218,19 @@ def _rows(config: RecipeConfig, path: str | None, *, needs_references: bool) -> 
 
 def build_trainer(config: RecipeConfig) -> GRPOTrainer:
     """The trainer of a recipe: policy + LoRA, decoder, conditioning, reward, data, and `config.grpo`."""
-    info = init_distributed()
+    from idgrpo.models.wan_dit import WanConfig
+
+    info = init_distributed(config.collective_timeout)
     device = info.device
     torch.manual_seed(config.grpo.seed)
-    needs_refs = config.model in ("vace-1.3b", "phantom-1.3b")
+    wan = None if config.model == "toy" else WanConfig.from_name(config.model)
+    _check_layout(config, wan, info.world_size)
+    needs_refs = wan is not None and wan.reference_mode != "none"
+    if config.model.startswith("t2v-") and config.reward.startswith("idgrpo.reward.factories:"):
+        raise UsageError(f"--reward {config.reward}: the identity reward scores each person against the reference "
+                         f"images of their prompt row, and --model {config.model} generates from text alone (no "
+                         f"references); pass a text-to-video reward, --reward MODULE:FACTORY "
+                         f"(docs/scale-out.md#text-to-video)")
     train_rows = _rows(config, config.train_csv, needs_references=needs_refs)
     eval_rows = _rows(config, config.test_csv, needs_references=needs_refs) if config.test_csv else (
         train_rows[:2] if not needs_refs else [])
@@ -215,7 +252,7 @@ def build_trainer(config: RecipeConfig) -> GRPOTrainer:
                            latent_shape=shape, train_rows=train_rows, eval_rows=eval_rows)
 
     from idgrpo.models.lora import apply_lora, load_peft, mark_only_lora_trainable
-    from idgrpo.models.wan_dit import WanConfig, WanDiT
+    from idgrpo.models.wan_dit import WanDiT
 
     def add_lora(policy) -> None:
         """LoRA adapters: the `init_lora` directory's (rank, alpha, targets and weights) or fresh gaussian ones."""
@@ -228,7 +265,6 @@ def build_trainer(config: RecipeConfig) -> GRPOTrainer:
         mark_only_lora_trainable(policy)
 
     if config.model == "tiny":
-        wan = WanConfig.from_name("tiny")
         policy = WanDiT(wan).init_weights()
         shape = (wan.in_dim, *latent_grid(config))
         add_lora(policy)
@@ -244,7 +280,8 @@ def build_trainer(config: RecipeConfig) -> GRPOTrainer:
                            latent_shape=shape, train_rows=train_rows, eval_rows=eval_rows,
                            eval_latent_shape=(wan.in_dim, *latent_grid(eval_config)))
 
-    # The 1.3B models: weights, VAE, prompt cache, references.
+    # The real models: weights, VAE, prompt cache, references (VACE, Phantom) or none (T2V).
+    from idgrpo.engine import FSDP
     from idgrpo.models.prompt_cache import PromptCache
     from idgrpo.models.wan_vae import WanVAE
     from idgrpo.models.weights import load_wan_dit
@@ -253,8 +290,17 @@ def build_trainer(config: RecipeConfig) -> GRPOTrainer:
         if getattr(config, name) is None:
             raise ValueError(f"model {config.model!r} needs --{name.replace('_', '-')}")
     dtype = torch.float32 if device.type == "cpu" else getattr(torch, config.grpo.compute_dtype)
-    policy = load_wan_dit(config.weights_dir, config.model, dtype=torch.float32, device=device)
+    # Note: the weights load on the host, and FSDP moves this rank's shards to the device unit by unit, so no GPU
+    # ever holds a whole 14B model. A LoRA run's frozen base loads in the compute dtype FSDP keeps it in (the same
+    # rounding as converting later), halving the host memory; full fine-tuning keeps fp32 masters.
+    policy = load_wan_dit(config.weights_dir, config.model, dtype=torch.float32 if config.lora_rank == 0 else dtype,
+                          device="cpu")
     add_lora(policy)
+    reference = None
+    if config.lora_rank == 0 and config.grpo.kl_beta > 0 and config.grpo.reference == "copy":
+        # The frozen KL reference read again in the compute dtype, rather than a deep copy of the fp32 policy.
+        frozen = load_wan_dit(config.weights_dir, config.model, dtype=dtype, device="cpu").requires_grad_(False)
+        reference = FSDP(frozen, compute_dtype=dtype)
     vae_dtype = torch.float32 if device.type == "cpu" else getattr(torch, config.vae_dtype)
     vae = WanVAE.from_pretrained(config.vae_path, dtype=vae_dtype, device=device).requires_grad_(False).eval()
     cache = PromptCache(config.prompt_cache, device=device, dtype=dtype)
@@ -272,14 +318,32 @@ def build_trainer(config: RecipeConfig) -> GRPOTrainer:
         return vae.decode_frames(latents.to(vae.dtype))
 
     def builder(c: RecipeConfig):
-        if config.model == "vace-1.3b":
+        if wan.reference_mode == "vace":
             return vace_conditioning_builder(vae, cache, c, n_ref)
-        return phantom_conditioning_builder(vae, cache, c)
+        if wan.reference_mode == "phantom":
+            return phantom_conditioning_builder(vae, cache, c)
+        return text_conditioning_builder(cache, c)
 
     return GRPOTrainer(config.grpo, policy, score=score, decode=decode, build_conditioning=builder(config),
                        latent_shape=shape_of(config), train_rows=train_rows, eval_rows=eval_rows,
-                       lora=config.lora_rank > 0, eval_latent_shape=shape_of(eval_config),
+                       reference=reference, lora=config.lora_rank > 0, eval_latent_shape=shape_of(eval_config),
                        build_eval_conditioning=builder(eval_config))
+
+
+def _check_layout(config: RecipeConfig, wan, world_size: int) -> None:
+    """--sp-size against the world and the policy, before anything is loaded (docs/scale-out.md)."""
+    sp = config.grpo.sp_size
+    if sp == 1:
+        return
+    if wan is None:
+        raise UsageError(f"--sp-size {sp}: sequence parallelism splits a transformer's tokens; the toy policy has "
+                         f"none (--model tiny or a Wan preset)")
+    if world_size % sp:
+        raise UsageError(f"--sp-size {sp} must divide the world size {world_size} (torchrun's --nnodes x "
+                         f"--nproc-per-node)")
+    if wan.num_heads % sp:
+        raise UsageError(f"--sp-size {sp} must divide the {wan.num_heads} attention heads of --model {config.model} "
+                         f"(each rank attends with heads / sp of them)")
 
 
 PresetConfig = tyro.extras.subcommand_type_from_defaults(
@@ -287,16 +351,22 @@ PresetConfig = tyro.extras.subcommand_type_from_defaults(
     {"tiny": "A CPU run in seconds: the toy flow policy (--model toy, the default) or, with --model tiny, the tiny "
              "Wan DiT + LoRA; brightness reward",
      "vace-1.3b": "The Identity-GRPO reference recipe: Wan2.1-VACE-1.3B + LoRA",
-     "phantom-1.3b": "Phantom-Wan-1.3B + LoRA with the same GRPO settings"},
+     "phantom-1.3b": "Phantom-Wan-1.3B + LoRA with the same GRPO settings",
+     "t2v-1.3b": "Flow-GRPO's Wan2.1 text-to-video recipe: Wan2.1-T2V-1.3B + LoRA, any text-to-video reward",
+     "t2v-14b": "Wan2.1-T2V-14B full fine-tuning at 480x832x81 (launch with --sp-size; idgrpo plan t2v-14b)",
+     "vace-14b": "Identity-GRPO on Wan2.1-VACE-14B + LoRA at 480x832x81 (launch with --sp-size; idgrpo plan)",
+     "phantom-14b": "Identity-GRPO on Phantom-Wan-14B + LoRA at 480x832x81 (launch with --sp-size; idgrpo plan)"},
     prefix_names=False,
 )
 
 
 RESUMABLE_SETTINGS = frozenset(f"grpo.{name}" for name in (
     "epochs", "eval_every", "eval_videos", "save_every", "max_undone_steps", "max_reward_failures", "overlap_reward",
-    "rollout_batch_size", "train_batch_size", "grad_accumulation", "activation_checkpointing"))
-"""The `run_settings` keys a resumed run may change: how long it runs, what it logs and saves, and how an epoch is
-batched and where its memory goes, never what it computes; any other change is refused (docs/reliability.md)."""
+    "rollout_batch_size", "train_batch_size", "grad_accumulation", "activation_checkpointing", "sp_size",
+)) | {"collective_timeout"}
+"""The `run_settings` keys a resumed run may change: how long it runs, what it logs and saves, how long a collective
+waits, and how an epoch is batched and where its memory goes, never what it computes; any other change is refused
+(docs/reliability.md)."""
 
 
 def _settings_flag(key: str) -> str:

@@ -46,11 +46,18 @@ Threading: during training it is called on the reward worker's thread (with its 
 policy samples the next batch, so it must not issue collectives (an FSDP-sharded reward model would interleave its
 all-gathers with the policy's): such a reward needs `GRPOConfig.overlap_reward=False`, which calls it inline on the
 main thread. Evaluation always calls it on the main thread. A call that raises gives its batch NaN rewards, is logged
-and counted, and `GRPOConfig.max_reward_failures` failures stop the run."""
+and counted. The run stops (`RewardError`) once more than `GRPOConfig.max_reward_failures` calls have raised, after an
+epoch in which no sample got a finite reward, and at its end when no optimizer step was ever made
+(docs/reliability.md)."""
 
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
 """`decode(latents) -> frames`: fp32 latents (B, C, F, H, W) with the reference slots already dropped ->
 uint8 frames (B, T, H, W, 3) on the same device (the Wan VAE's `decode_frames`). Runs wherever the `RewardFn` runs."""
+
+
+class RewardError(RuntimeError):
+    """The reward gave a GRPO run nothing to learn from: too many failed calls, an epoch without one finite reward, or
+    a run whose every sample was dropped (the rules are in docs/reliability.md)."""
 
 
 class RewardWorker:
@@ -194,13 +201,19 @@ class EpochRollout:
 def roll_out(policy: Policy, conditioning: Conditioning, rows: Sequence[PromptRow], assignment: EpochAssignment,
              plan: StepPlan, *, epoch: int, schedule: FlowSchedule, steps: StepSchedule,
              latent_shape: Sequence[int], batch_size: int, rewards: RewardWorker, reference: Policy | None = None,
-             baseline: BaselineFlags | None = None, timer: PhaseTimer | None = None) -> EpochRollout:
+             baseline: BaselineFlags | None = None, timer: PhaseTimer | None = None,
+             score_share: tuple[int, int] = (0, 1)) -> EpochRollout:
     """Sample this rank's rows (`assignment.local_*`, with their `conditioning`) in batches of `batch_size` and score
     every finished batch on `rewards` while the next one is sampled. With `reference`, the rollout keeps the SDE mean
     under it for the trained steps, so that the update runs no reference forward. `baseline`: the benchmark's
-    switches (None: the default path); `timer`: per-phase wall times (benchmarks)."""
+    switches (None: the default path); `timer`: per-phase wall times (benchmarks).
+
+    score_share: (index, ranks) when `ranks` ranks roll out the same samples (a sequence-parallel group): this rank
+    decodes and scores only its samples i with i % ranks == index, so each video is decoded and scored once; its
+    other rewards are NaN here and taken from their owners by `idgrpo.rl.data.all_gather_owned`."""
     baseline = baseline or BaselineFlags()
     device = rewards.device  # the training device
+    index, share = score_share
     seeds, initial_seeds = assignment.local_seeds, assignment.local_initial_seeds
     failures_before = rewards.failures
     states, log_probs, ref_means, pending = [], [], [], []
@@ -216,12 +229,20 @@ def roll_out(policy: Policy, conditioning: Conditioning, rows: Sequence[PromptRo
         log_probs.append(roll.log_probs)
         if roll.ref_means is not None:
             ref_means.append(roll.ref_means)
+        first = start + (index - start) % share  # this rank's first sample of the batch to score
+        if first >= part.stop:
+            continue
+        owned = slice(first, part.stop, share)
         with timed(timer, "reward"):
-            pending.append(rewards.submit(cond.video_latents(roll.final), [r.references for r in rows[part]],
-                                          [r.prompt for r in rows[part]], synchronous=baseline.synchronous_reward,
-                                          via_files=baseline.reward_via_files, timer=timer))
+            latents = cond.video_latents(roll.final)[first - start::share]
+            pending.append((owned, rewards.submit(latents, [r.references for r in rows[owned]],
+                                                  [r.prompt for r in rows[owned]],
+                                                  synchronous=baseline.synchronous_reward,
+                                                  via_files=baseline.reward_via_files, timer=timer)))
+    scores = torch.full((len(rows),), float("nan"), device=device)  # (n,)
     with timed(timer, "reward"):  # with overlap: only the reward time the rollout did not hide
-        scores = torch.cat([rewards.result(p) for p in pending])  # (n,)
+        for owned, p in pending:
+            scores[owned] = rewards.result(p)
     return EpochRollout(epoch=epoch, assignment=assignment, conditioning=conditioning, plan=plan,
                         states=torch.cat(states), log_probs=torch.cat(log_probs),
                         ref_means=torch.cat(ref_means) if ref_means else None, rewards=scores,

@@ -6,12 +6,14 @@ Usage:
         --test-csv data/test.csv --weights-dir ckpt/Wan2.1-VACE-1.3B --vae-path ckpt/Wan2.1_VAE.pth \
         --prompt-cache cache/prompts --reward idgrpo.reward.factories:compact --extra reward_checkpoint=ckpt/rm
     torchrun --nnodes 2 --node-rank R --master-addr HOST --nproc-per-node 8 -m idgrpo train-grpo vace-1.3b ...
+    torchrun --nproc-per-node 8 -m idgrpo train-grpo vace-14b --sp-size 4 ...   # + sequence parallelism
 
 In Python, `GRPOTrainer` takes ANY policy (`idgrpo.rl.Policy`), ANY reward (`idgrpo.rl.RewardFn`), a decoder
 (`idgrpo.rl.DecodeFn`: latents -> uint8 frames) and a conditioning builder (prompt rows -> `Conditioning`, the
 guidance branches); see its docstring.
 
-One epoch (`train_epoch`), each phase in its module:
+One epoch (`train_epoch`), each phase in its module (with `sp_size` > 1, "rank" below means data-parallel group, whose
+ranks share the group's samples; Note [sequence parallelism] and docs/scale-out.md):
 1. data (`idgrpo.rl.data`): `prompts_per_epoch` rows are drawn (seeded by the epoch), each repeated G times; the P·G
    samples are shuffled and split evenly over the ranks. A sample's group id is its row index, its noise seed a
    function of (seed, epoch, position in the global list), so the same global batch gives the same samples on any
@@ -32,9 +34,10 @@ One epoch (`train_epoch`), each phase in its module:
    weights (`idgrpo.rl.ema`).
 
 Documented edge cases: a reward that is NaN/Inf gets advantage 0 (left out of its group's statistics); a reward call
-that raises gives its whole batch NaN rewards (so: dropped), is logged and counted, and `max_reward_failures` failures
-abort the run; an epoch in which every advantage is zero makes no optimizer step; a training plot that cannot be
-drawn is logged and counted, never raised.
+that raises gives its whole batch NaN rewards (so: dropped), is logged and counted, and more than
+`max_reward_failures` failures stop the run (`RewardError`); so does an epoch in which no sample got a finite reward;
+an epoch in which every advantage is zero makes no optimizer step, and a run that ends without any optimizer step
+raises `RewardError` (docs/reliability.md); a training plot that cannot be drawn is logged and counted, never raised.
 """
 
 from __future__ import annotations
@@ -58,12 +61,13 @@ from idgrpo.engine import (
     init_distributed,
     save_safetensors_atomic,
 )
+from idgrpo.engine.sequence_parallel import parallel_layout
 from idgrpo.prompts import PromptRow
 from idgrpo.rl.config import BaselineFlags, GRPOConfig
-from idgrpo.rl.data import all_gather_cat, assign_epoch
+from idgrpo.rl.data import all_gather_owned, assign_epoch
 from idgrpo.rl.ema import EMA
 from idgrpo.rl.plots import plot_training
-from idgrpo.rl.rollout import DecodeFn, EpochRollout, RewardFn, RewardWorker, roll_out
+from idgrpo.rl.rollout import DecodeFn, EpochRollout, RewardError, RewardFn, RewardWorker, roll_out
 from idgrpo.rl.sampler import Conditioning, Policy, StepPlan, StepSchedule, sample
 from idgrpo.rl.schedules import flow_schedule
 from idgrpo.rl.timing import PhaseTimer, timed
@@ -136,6 +140,18 @@ class GRPOTrainer:
         self.info = init_distributed()
         self.rank, self.world_size, self.device = self.info.rank, self.info.world_size, self.info.device
         self.log = log or (lambda msg: print(msg, flush=True) if self.rank == 0 else None)
+        # Note [sequence parallelism]: samples are dealt to the data-parallel groups; a group's ranks share samples and
+        # noise and split every sample's tokens; each sample is scored by one rank of its group; FSDP and the
+        # optimizer span the whole world (docs/scale-out.md).
+        self.layout = parallel_layout(config.sp_size)
+        if self.layout.sp is not None:
+            for module in (policy, reference):
+                inner = module.module if isinstance(module, FSDP) else module
+                if module is policy and not hasattr(inner, "set_sequence_parallel"):
+                    raise ValueError(f"sp_size={config.sp_size} needs a policy that splits its token sequence "
+                                     f"(`set_sequence_parallel`, as WanDiT); {type(inner).__name__} has none")
+                if hasattr(inner, "set_sequence_parallel"):
+                    inner.set_sequence_parallel(self.layout.sp)
         cd = torch.float32 if self.device.type == "cpu" else getattr(torch, config.compute_dtype)
         if lora is None:
             from idgrpo.models.lora import lora_modules
@@ -207,15 +223,21 @@ class GRPOTrainer:
         with self._sdpa_attention(baseline.sdpa_attention):
             rollout = self.rollout(epoch, baseline=baseline, timer=timer)
             with timed(timer, "advantage"):
-                advantages = gather_advantages(rollout, std=cfg.adv_std, clip=cfg.adv_clip)
+                advantages = gather_advantages(rollout, std=cfg.adv_std, clip=cfg.adv_clip, sp_size=cfg.sp_size)
             with timed(timer, "update"):
                 meters = self.update(rollout, advantages, baseline=baseline)
         record = self._record(rollout, advantages, meters)
         self.undone.check(self.optimizer_steps)  # NonFiniteError after max_undone_steps undone steps in a row
-        self.reward_failures_total += int(record["reward_failures"])
+        failures = int(record["reward_failures"])
+        self.reward_failures_total += failures
         if self.reward_failures_total > cfg.max_reward_failures:
-            raise RuntimeError(f"the reward call failed {self.reward_failures_total} times "
-                               f"(max_reward_failures={cfg.max_reward_failures}); see the first traceback above")
+            raise RewardError(f"the reward call failed {self.reward_failures_total} times, more than "
+                              f"--max-reward-failures {cfg.max_reward_failures}; see the first traceback above")
+        samples = advantages.rewards.numel()
+        if int(record["nonfinite_rewards"]) == samples:  # the same on every rank: the rewards are gathered
+            raise RewardError(f"epoch {epoch}: none of the {samples} samples got a finite reward ({failures} reward "
+                              f"calls raised, every other reward was NaN/Inf), so there is nothing to learn from; "
+                              f"the run is stopped (docs/reliability.md)")
         return record
 
     def rollout(self, epoch: int, *, baseline: BaselineFlags | None = None,
@@ -223,7 +245,7 @@ class GRPOTrainer:
         """Sample this rank's share of epoch `epoch` and score it."""
         cfg = self.config
         assignment = assign_epoch(len(self.train_rows), cfg.prompts_per_epoch, cfg.group_size, epoch=epoch,
-                                  seed=cfg.seed, rank=self.rank, world_size=self.world_size,
+                                  seed=cfg.seed, rank=self.layout.dp_rank, world_size=self.layout.dp_size,
                                   shared_initial_noise=cfg.shared_initial_noise)
         rows = [self.train_rows[i] for i in assignment.local_rows]
         with timed(timer, "rollout"):
@@ -231,7 +253,7 @@ class GRPOTrainer:
         return roll_out(self.policy, conditioning, rows, assignment, self.step_plan(epoch), epoch=epoch,
                         schedule=self.schedule, steps=self.step_schedule, latent_shape=self.latent_shape,
                         batch_size=cfg.rollout_batch_size, rewards=self.reward_worker, reference=self.reference,
-                        baseline=baseline, timer=timer)
+                        baseline=baseline, timer=timer, score_share=(self.layout.sp_rank, self.layout.sp_size))
 
     def update(self, rollout: EpochRollout, advantages: EpochAdvantages, *,
                baseline: BaselineFlags | None = None) -> Meters:
@@ -242,8 +264,8 @@ class GRPOTrainer:
         separate = baseline.separate_cfg_forwards
         meters = Meters(self.device)
         trained = list(rollout.plan.trained)
-        passes = plan_update(advantages.kept, samples_per_rank=rollout.assignment.count, rank=self.rank,
-                             world_size=self.world_size, micro_batch=cfg.train_batch_size,
+        passes = plan_update(advantages.kept, samples_per_rank=rollout.assignment.count, rank=self.layout.dp_rank,
+                             world_size=self.layout.dp_size, micro_batch=cfg.train_batch_size,
                              updates_per_epoch=cfg.updates_per_epoch, trained_steps=len(trained), seed=cfg.seed,
                              epoch=rollout.epoch, inner_epochs=cfg.inner_epochs)
         # Baseline: no stored anchor; a reference forward per micro-batch and step recomputes it below.
@@ -272,8 +294,8 @@ class GRPOTrainer:
                         with self.policy.no_sync() if hold else contextlib.nullcontext():
                             loss, stats = forward_backward_step(
                                 self.policy, cond, x, x_next, rollout.log_probs[idx, j], advantages.advantages[idx],
-                                t, sigma, sigma_next, std, ref_mean=ref_mean, weight=micro.weight, config=cfg,
-                                separate_branches=separate)
+                                t, sigma, sigma_next, std, ref_mean=ref_mean,
+                                weight=micro.weight * self.layout.loss_scale, config=cfg, separate_branches=separate)
                         # Every rank meters the same names in the same order (weight 0 for padding passes).
                         meters.add("loss", loss, micro.size)
                         meters.add("clipfrac", stats["clipfrac"], micro.size)
@@ -349,29 +371,38 @@ class GRPOTrainer:
         at the evaluation size (`eval_latent_shape`); writes sample videos. A collective."""
         cfg = self.config
         rows = self.eval_rows
-        per_rank = math.ceil(len(rows) / self.world_size)
-        mine = list(range(self.rank * per_rank, min(len(rows), (self.rank + 1) * per_rank)))
+        index, share = self.layout.sp_rank, self.layout.sp_size
+        per_rank = math.ceil(len(rows) / self.layout.dp_size)
+        # Rows past the end are padding (the last row again, never scored): every rank samples the same number of
+        # batches, so that the policy's collectives (FSDP's gathers, sequence parallelism's all-to-alls) stay matched.
+        mine = range(self.layout.dp_rank * per_rank, (self.layout.dp_rank + 1) * per_rank)
         swap = self.ema.swapped() if (self.ema is not None and cfg.eval_with_ema) else contextlib.nullcontext()
         rewards = torch.full((per_rank,), float("nan"), device=self.device)
         videos = []
         with swap:
-            for start in range(0, len(mine), cfg.rollout_batch_size):
+            for start in range(0, per_rank, cfg.rollout_batch_size):
                 ids = mine[start:start + cfg.rollout_batch_size]
-                batch_rows = [rows[i] for i in ids]
+                batch_rows = [rows[min(i, len(rows) - 1)] for i in ids]
                 cond = self.build_eval_conditioning(batch_rows)
                 seeds = [10_000_019 + i for i in ids]  # fixed noise: the same per row at every evaluation
                 roll = sample(self.policy, cond, self.eval_schedule, seeds, self.eval_latent_shape,
                               solver=cfg.eval_solver, device=self.device)
-                frames = self.decode(cond.video_latents(roll.final))
+                # This rank decodes and scores every share-th real sample of its group's batch (all_gather_owned).
+                first, real = (index - start) % share, max(0, min(len(ids), len(rows) - ids[0]))
+                if first >= real:
+                    continue
+                scored = slice(first, real, share)
+                frames = self.decode(cond.video_latents(roll.final)[scored])
                 try:
-                    scores = self.score(frames, [r.references for r in batch_rows], [r.prompt for r in batch_rows])
+                    scores = self.score(frames, [r.references for r in batch_rows[scored]],
+                                        [r.prompt for r in batch_rows[scored]])
                     scores = torch.as_tensor(scores, device=self.device).float().reshape(-1)
-                    rewards[start:start + len(ids)] = scores
+                    rewards[start + first:start + real:share] = scores
                 except Exception as e:  # noqa: BLE001 - an evaluation reward failure leaves NaN (ignored)
                     self.log(f"[train-grpo] evaluation reward failed: {e}")
                 if self.rank == 0 and len(videos) < cfg.eval_videos:
                     videos += list(frames[: cfg.eval_videos - len(videos)])
-        all_rewards = all_gather_cat(rewards)
+        all_rewards = all_gather_owned(rewards, share)
         finite = all_rewards[torch.isfinite(all_rewards)]
         mean = float(finite.mean()) if finite.numel() else float("nan")
         if self.rank == 0:
@@ -430,6 +461,13 @@ class GRPOTrainer:
                     self.save()
                 if on_epoch_end is not None:
                     on_epoch_end(self, record)
+            if self.optimizer_steps == 0:
+                dropped = sum(int(r["dropped"]) for r in self.history)
+                nonfinite = sum(int(r["nonfinite_rewards"]) for r in self.history)
+                raise RewardError(f"no optimizer step in {len(self.history)} epochs: all {dropped} samples were "
+                                  f"dropped ({nonfinite} with a NaN/Inf reward, the others in groups whose rewards "
+                                  f"were all equal), so nothing was learned; the reward must vary within a group "
+                                  f"(docs/reliability.md)")
         finally:
             metrics.close()
             self.reward_worker.close()
@@ -486,7 +524,9 @@ class GRPOTrainer:
         collective: every rank calls it."""
         extra = {"epoch": self.epoch, "optimizer_steps": self.optimizer_steps, "history": self.history,
                  "reward_failures_total": self.reward_failures_total}
-        if self.ema is not None:  # saved first: the main checkpoint is what makes a step complete
+        # The checkpoint is written last: it is what makes an epoch complete, so a run stopped anywhere before it
+        # resumes from the previous one and writes every export of this epoch again (even at the last epoch).
+        if self.ema is not None:
             with self.ema.swapped():
                 self.ema_checkpointer.save(self.epoch, self.policy, None, {"epoch": self.epoch})
                 state = self.policy.full_state_dict(trainable_only=True)
@@ -494,8 +534,8 @@ class GRPOTrainer:
                     save_safetensors_atomic({k: v.contiguous() for k, v in state.items()},
                                             self.run_dir / "ema.safetensors")
                 self._export_lora("lora_ema", state)
-        self.checkpointer.save(self.epoch, self.policy, self.optimizer, extra)
         self._export_lora("lora")
+        self.checkpointer.save(self.epoch, self.policy, self.optimizer, extra)
 
     def _export_lora(self, name: str, state: dict[str, torch.Tensor] | None = None) -> None:
         """The policy's LoRA adapters as `<name>/` (PEFT) and `<name>_diffusers/` (diffusers), written by rank 0 from

@@ -27,7 +27,7 @@ from idgrpo.engine import clip_grad_norm_, step_if_finite
 from idgrpo.kernels.group_advantage import GroupAdvantage, group_advantage
 from idgrpo.kernels.grpo_loss import grpo_loss, grpo_step
 from idgrpo.rl.config import GRPOConfig
-from idgrpo.rl.data import all_gather_cat
+from idgrpo.rl.data import all_gather_cat, all_gather_owned
 from idgrpo.rl.rollout import EpochRollout
 from idgrpo.rl.sampler import Conditioning, Policy, guided_velocity
 
@@ -56,16 +56,18 @@ class EpochAdvantages:
     """() fp32: reward calls that raised during the rollout, over all ranks."""
 
 
-def gather_advantages(rollout: EpochRollout, *, std: str, clip: float) -> EpochAdvantages:
+def gather_advantages(rollout: EpochRollout, *, std: str, clip: float, sp_size: int = 1) -> EpochAdvantages:
     """All-gather the rewards (a collective) and normalise them per group (`std` "group") or over the batch
     ("global"), clipped to ±clip. A NaN/Inf reward, a zero-variance group: advantage 0, so the sample is not trained.
+    sp_size: the sequence-parallel group size; each reward then comes from the rank of its group that scored it
+    (`all_gather_owned`), and the advantages are computed once per sample, identically on every rank.
 
     This makes the epoch's one host read between rollout and update: which samples are kept, which decides the
     micro-batches."""
     assignment = rollout.assignment
     device = rollout.rewards.device
     failures = torch.tensor([float(rollout.reward_failures)], device=device)
-    rewards = all_gather_cat(rollout.rewards)  # (N,) in global sample order
+    rewards = all_gather_owned(rollout.rewards, sp_size)  # (N,) in global sample order
     failures = all_gather_cat(failures).sum()
     group_ids = torch.tensor(assignment.row_ids, dtype=torch.int64, device=device)
     groups = group_advantage(rewards, group_ids, std=std, clip=clip, num_groups=len(set(assignment.row_ids)))
