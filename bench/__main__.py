@@ -5,6 +5,8 @@ Usage:
     python -m bench attention norm      # a chosen subset
     python -m bench --quick             # tiny sizes: checks on CPU that every benchmark runs
     python -m bench --list
+    python -m bench aot                 # a check, run only when named: every kernel compiled for sm_80/sm_90
+    python -m bench kernel_check        # a check: every kernel against its reference in bf16/fp16/fp32
 
 Each benchmark is a module `bench/<name>.py` with `main(quick: bool) -> list[dict]` that
 prints its own table and writes its JSON under bench/results/; this runner prints one
@@ -22,21 +24,23 @@ import time
 import traceback
 
 # Benchmarks in the order they run; a module that does not exist yet is skipped with a note.
-BENCHMARKS = ["attention", "grpo_ops", "glue", "engine", "dit", "reward", "e2e"]
+BENCHMARKS = ["attention", "grpo_ops", "glue", "engine", "sp_comm", "dit", "reward", "e2e"]
+# Checks pass or fail rather than measure; they run only when named (bench/README.md).
+CHECKS = ["aot", "kernel_check"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("names", nargs="*", help=f"subset of: {', '.join(BENCHMARKS)}")
+    parser.add_argument("names", nargs="*", help=f"subset of: {', '.join(BENCHMARKS + CHECKS)}")
     parser.add_argument("--quick", action="store_true", help="tiny sizes; checks that each benchmark runs")
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args(argv)
     if args.list:
-        print("\n".join(BENCHMARKS))
+        print("\n".join(BENCHMARKS + CHECKS))
         return 0
-    unknown = [n for n in args.names if n not in BENCHMARKS]
+    unknown = [n for n in args.names if n not in BENCHMARKS + CHECKS]
     if unknown:
-        parser.error(f"unknown benchmark(s) {unknown}; choose from {BENCHMARKS}")
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {BENCHMARKS + CHECKS}")
     import torch
 
     if not torch.cuda.is_available():

@@ -5,12 +5,20 @@ slow; every case checks the output and all three gradients, with every buffer th
 write filled with NaN beforehand.
 """
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 import idgrpo.kernels.attention as attention_module
-from idgrpo.kernels.attention import attention, attention_reference
+from idgrpo.kernels.attention import attention, attention_configs, attention_reference
 from idgrpo.testing import poisoned_empty, randn
 
 TOL = dict(rtol=1e-5, atol=2e-5)  # fp32 kernel vs float64 truth
@@ -135,6 +143,23 @@ def test_run_to_run_determinism(device):
         assert torch.equal(a, b)
 
 
+def test_results_do_not_depend_on_the_tuned_tiles(device, monkeypatch):
+    """Another config (here: 128-wide tuned tiles instead of 64) changes no bit of the output or
+    the gradients: every sum runs over fixed tiles, in the same order. Causal, grouped heads and
+    padded keys, so each kernel meets every kind of edge tile, placed differently per tile size."""
+    q, k, v, grad_out = _inputs((1, 150, 4, 16), (1, 150, 2, 16), seed=81, device=device)
+    k_lens = torch.tensor([97], device=device)
+    first = _triton_with_grads(q, k, v, grad_out, causal=True, k_lens=k_lens)
+    for kernel, tile in ((attention_module._attention_fwd_kernel, "BLOCK_M"),
+                         (attention_module._attention_bwd_dkdv_kernel, "BLOCK_N"),
+                         (attention_module._attention_bwd_dq_kernel, "BLOCK_M")):
+        monkeypatch.setattr(kernel, "configs", [triton.Config({tile: 128}, num_warps=8, num_stages=2)])
+        monkeypatch.setattr(kernel, "early_config_prune", None)
+    second = _triton_with_grads(q, k, v, grad_out, causal=True, k_lens=k_lens)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (first[0], *first[1]), (second[0], *second[1])):
+        assert torch.equal(a, b), f"{name} changed with the tiles"
+
+
 def test_reference_matches_torch_sdpa():
     """The reference itself against an independent oracle (SDPA with an explicit mask)."""
     q = randn(2, 23, 4, 32, seed=51, dtype=torch.float64)
@@ -161,6 +186,61 @@ def test_dispatch_and_validation():
         attention(q[0], k[0], k[0], cu_seqlens_q=torch.tensor([0, 5], dtype=torch.int32))
     with pytest.raises(ValueError, match="k_lens"):
         attention(q, k, k, k_lens=torch.tensor([3, 4]))
+
+
+KINDS = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}  # kernel kind -> the tile it tunes
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_autotuner_tries_only_the_configs_of_the_device_target(kind, monkeypatch):
+    """Each target has its own list (the configs that compile without spills there); the
+    autotuner holds every target's configs and its pruning keeps the device's list."""
+    tile = KINDS[kind]
+    held = [triton.Config({tile: size}, num_warps=warps, num_stages=stages)
+            for size, warps, stages in attention_module._candidate_options(kind)]
+    prune = attention_module._pruning(kind)["early_config_prune"]
+    for capability in (80, 86, 90, 100):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: divmod(c, 10))
+        want = attention_configs(kind, capability)
+        assert want == attention_configs(kind, 90 if capability >= 90 else 80) and want
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            q = torch.empty(1, 8, 1, 64, dtype=dtype, device="meta")  # a GPU tensor as far as pruning cares
+            kept = [(c.kwargs[tile], c.num_warps, c.num_stages) for c in prune(held, {"Q": q})]
+            assert kept == (want[:1] if dtype == torch.float32 else want)
+    cpu_q = torch.empty(1, 8, 1, 64, dtype=torch.bfloat16)
+    assert prune(held, {"Q": cpu_q}) == held  # CPU: the interpreter, which keeps one config anyway
+    with pytest.raises(ValueError, match="bwd"):
+        attention_configs("bwd", 90)
+
+
+AOT_PLAN = """
+import json
+from bench import aot
+[case] = [c for c in aot.all_cases() if c.name == "attention d80 causal varlen"]
+print(json.dumps([[job.name, job.target, dict(job.constexprs), dict(job.options)]
+                  for job in aot.plan([case], ["sm_80", "sm_90"], ["bf16", "fp32"])]))
+"""
+
+
+def test_ahead_of_time_check_compiles_the_configs_each_target_tries():
+    """bench/aot.py compiles, per target, exactly the configs the autotuner would try on that GPU
+    (its spill check covers what can run). Runs without the interpreter: nothing is compiled."""
+    repo = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(repo)}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(AOT_PLAN)], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    planned = {}
+    for name, target, constexprs, options in json.loads(done.stdout.strip().splitlines()[-1]):
+        kind = name.removeprefix("_attention_").removesuffix("_kernel").removeprefix("bwd_")
+        if kind in KINDS:
+            dtype = "fp32" if constexprs["DOT_PRECISION"] == "ieee" else "bf16"
+            config = (constexprs[KINDS[kind]], options["num_warps"], options["num_stages"])
+            planned.setdefault((kind, target, dtype), []).append(config)
+    for kind in KINDS:
+        for target, capability in (("sm_80", 80), ("sm_90", 90)):
+            assert planned[(kind, target, "bf16")] == attention_configs(kind, capability)
+            assert planned[(kind, target, "fp32")] == attention_configs(kind, capability)[:1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 needs a GPU (the interpreter computes bf16 wrongly)")

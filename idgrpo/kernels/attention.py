@@ -19,9 +19,12 @@ Design of the Triton path (FlashAttention-2 style):
   that see no key) for the backward. Causal programs stop at their last row's diagonal.
 - Backward: a small kernel computes delta = rowsum(dO * O); one kernel per
   (key block, kv head, sequence) accumulates dk and dv over all query tiles of all query
-  heads of its GQA group, and a separate kernel per (query block, head, sequence)
-  accumulates dq over key tiles. Each gradient element is owned by exactly one program,
-  so there are no atomics: results do not depend on scheduling.
+  heads of its GQA group (one flat loop), and a separate kernel per (query block, head,
+  sequence) accumulates dq over key tiles. Each gradient element is owned by exactly one
+  program, so there are no atomics: results do not depend on scheduling. Both reduce over
+  32-wide tiles so that their accumulators and per-step tiles fit in registers on Ampere
+  and Hopper; each target autotunes over its own spill-free configs (`attention_configs`,
+  Note [registers of the backward]).
 - Determinism and batch invariance: every sum runs in a fixed order inside one program,
   the tile being reduced over has a fixed size whatever config the autotuner picks, and
   the autotune key leaves out the batch size (Note [fixed reduction tiles]). A sample is
@@ -137,26 +140,89 @@ def _check_inputs(q, k, v, k_lens, cu_seqlens_q, cu_seqlens_k):
 # processes that tuned differently. The autotune key leaves out the batch size (and the
 # number of varlen sequences), so a sample computed alone and inside a batch always runs
 # the same config: batch invariance.
-_REDUCE_TILE = 64
+#
+# Note [registers of the backward]: a program of the backward keeps fp32 accumulators of a
+# whole tile (dk and dv: 2 x BLOCK_N x BLOCK_D; dq: BLOCK_M x BLOCK_D) in registers for its
+# whole loop, next to the (tile x reduced tile) scores, probabilities and their gradients of
+# the current step. Registers a thread may hold end at 255, and past them ptxas spills to
+# local memory on every loop step. What keeps the backward inside them:
+# - the backward kernels reduce over 32-wide tiles (the forward over 64): the per-step
+#   tiles halve, and their reduction order stays fixed (Note [fixed reduction tiles]);
+# - the dk/dv kernel walks the query heads of its GQA group and their query tiles as one flat
+#   loop, head after head, masking only edge tiles under a branch: a loop over heads around
+#   pipelined loops over tiles (unmasked, masked) alone made every config spill with grouped
+#   heads;
+# - 8 warps share a 128-row tile (4 warps would hold twice the accumulator per thread). A
+#   64-row tile takes 8 warps on Ampere but 4 on Hopper, where a warpgroup (4 warps) covers
+#   64 rows of a wgmma: Triton lays 8 warps over a 64-row scores tile as two warpgroups
+#   computing the same rows twice (warpsPerCTA [8, 1] in the TTGIR);
+# - the autotuner tries, per target, only configs that compile without spills for every
+#   case `python -m bench.aot --only attention` covers (head dims 64, 80, 128; bf16, fp16;
+#   causal or not; dense, padded or varlen): `attention_configs`. That check compiles with
+#   Triton for sm_80 and sm_90 on a machine without a GPU and fails on any spill here; its
+#   table (bench/results/aot-*.txt) lists registers and spills per config.
+_REDUCE_TILES = {"fwd": 64, "dkdv": 32, "dq": 32}
+_TUNED_TILE_NAMES = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}
+# (tuned tile, num_warps, num_stages) per kernel and target (compute capability). The first
+# config of the Ampere list is the one the interpreter runs.
+_TUNED_CONFIGS = {
+    "fwd": {
+        80: [(64, 4, 2), (64, 4, 3), (128, 8, 3)],
+        90: [(64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 8, 3)],
+    },
+    "dkdv": {
+        80: [(64, 8, 2), (64, 8, 3)],
+        90: [(64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 8, 3)],
+    },
+    "dq": {
+        80: [(64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2), (128, 8, 3)],
+        90: [(64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 8, 3)],
+    },
+}
 
 
-def _configs(tile: str, options: list[tuple[int, int, int]]) -> list:
-    """Autotune configs over (tile size, num_warps, num_stages); the first is the one used
-    under the interpreter."""
-    return _backend.autotune_configs(
-        [triton.Config({tile: size}, num_warps=warps, num_stages=stages) for size, warps, stages in options]
-    )
+def attention_configs(kind: str, capability: int) -> list[tuple[int, int, int]]:
+    """The (tuned tile, num_warps, num_stages) configs the autotuner of attention kernel `kind`
+    ("fwd", "dkdv" or "dq") tries on a GPU of compute capability `capability` (major * 10 +
+    minor: 80 for A100, 90 for H100). 9.0 and later get the Hopper list, earlier GPUs the
+    Ampere one; only sm_80 and sm_90 are checked for spills (Note [registers of the backward])."""
+    if kind not in _TUNED_CONFIGS:
+        raise ValueError(f"attention kernel kind {kind!r}: expected one of {', '.join(_TUNED_CONFIGS)}")
+    return list(_TUNED_CONFIGS[kind][90 if capability >= 90 else 80])
 
 
-def _one_config_for_fp32(configs, named_args, **kwargs):
-    """fp32 is the accuracy path (tests, debugging), not the fast one: its IEEE-fp32 dots take
-    minutes to compile per config, so it is not autotuned."""
-    return configs[:1] if named_args["Q"].dtype == torch.float32 else configs
+def _candidate_options(kind: str) -> list[tuple[int, int, int]]:
+    """Every config of `kind` on any target, the Ampere list first."""
+    return list(dict.fromkeys(option for per_target in _TUNED_CONFIGS[kind].values() for option in per_target))
 
 
-_PRUNE = {"early_config_prune": _one_config_for_fp32}
+def _candidate_configs(kind: str) -> list:
+    """The autotuner's configs: every target's (its pruning keeps the device's own list); the
+    interpreter keeps the first."""
+    tile = _TUNED_TILE_NAMES[kind]
+    return _backend.autotune_configs([triton.Config({tile: size}, num_warps=warps, num_stages=stages)
+                                      for size, warps, stages in _candidate_options(kind)])
+
+
+def _pruning(kind: str) -> dict:
+    """The autotuner's early pruning for kernel `kind`: the configs of the device's target (in
+    the order of its list), and only the first of them for fp32, the accuracy path (tests,
+    debugging), whose IEEE-fp32 dots take minutes to compile per config. Tensors on the CPU
+    run under the interpreter, which has one config anyway."""
+    tile = _TUNED_TILE_NAMES[kind]
+
+    def prune(configs, named_args, **kwargs):
+        q = named_args["Q"]
+        if q.device.type != "cpu":
+            major, minor = torch.cuda.get_device_capability(q.device)
+            held = {(c.kwargs[tile], c.num_warps, c.num_stages): c for c in configs}
+            configs = [held[option] for option in attention_configs(kind, major * 10 + minor) if option in held]
+        return configs[:1] if q.dtype == torch.float32 else configs
+
+    return {"early_config_prune": prune}
+
+
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "VARLEN", "HAS_K_LENS", "TUNE_LEN_Q", "TUNE_LEN_K"]
-_ROW_TILE_OPTIONS = [(64, 4, 2), (128, 8, 2), (128, 8, 3), (128, 4, 3), (64, 4, 3)]
 
 
 if _backend.triton_available():
@@ -239,7 +305,7 @@ if _backend.triton_available():
             row_max = new_max
         return acc, row_sum, row_max
 
-    @triton.autotune(configs=_configs("BLOCK_M", _ROW_TILE_OPTIONS), key=_TUNE_KEY, prune_configs_by=_PRUNE)
+    @triton.autotune(configs=_candidate_configs("fwd"), key=_TUNE_KEY, prune_configs_by=_pruning("fwd"))
     @triton.jit
     def _attention_fwd_kernel(
         Q, K, V, O, LSE, K_LENS, CU_Q, CU_K,
@@ -337,28 +403,39 @@ if _backend.triton_available():
                  mask=rows < q_len)
 
     @triton.jit
-    def _dkdv_query_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_ql, stride_dol,
-                          q_start, q_len, cols, k_valid, causal_offset, qk_scale, d_ok, start_m, end_m,
-                          MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAD_D: tl.constexpr,
+    def _dkdv_query_tiles(dk, dv, k, v, q_group, do_group, lse_group, delta_group,
+                          stride_ql, stride_qh, stride_dol, stride_doh, stride_lse_h, group,
+                          q_start, q_len, cols, k_valid, causal_offset, qk_scale, d_ok,
+                          begin_m, full_start, full_end, end_m,
+                          CAUSAL: tl.constexpr, PAD_D: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
-        """Accumulates dk, dv of one key tile over the query tiles [start_m, end_m) of one head.
-        Tiles are transposed (keys x queries) so dk and dv accumulate without transposes."""
+        """Accumulates dk, dv of one key tile over the query tiles [begin_m, end_m) of every
+        query head of the GQA group (`*_group` point at its first head), head after head, in
+        ascending tiles; only tiles outside [full_start, full_end) are masked. Tiles are
+        transposed (keys x queries) so dk and dv accumulate without transposes.
+
+        One flat loop over (head, tile), with the mask under a branch: a loop over heads
+        around pipelined loops over tiles kept more registers live and spilled on every
+        target (Note [registers of the backward]), and per-region loops would visit the heads
+        in an order that depends on the key tile (Note [fixed reduction tiles])."""
         offs_m = tl.arange(0, BLOCK_M)
-        for tile_m in range(start_m, end_m, BLOCK_M):
+        n_tiles = tl.cdiv(tl.maximum(end_m - begin_m, 0), BLOCK_M)
+        for step in range(0, group * n_tiles):
+            member = step // n_tiles
+            tile_m = begin_m + (step - member * n_tiles) * BLOCK_M
             rows = tile_m + offs_m
             row_ok = rows < q_len
             q_rows = (q_start + rows).to(tl.int64)[:, None]
-            q = _load_tile(q_base + q_rows * stride_ql, row_ok, d_ok, MASKED, PAD_D)  # (BLOCK_M, BLOCK_D)
-            do = _load_tile(do_base + q_rows * stride_dol, row_ok, d_ok, MASKED, PAD_D)  # (BLOCK_M, BLOCK_D)
-            if MASKED:
-                lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
-                delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-            else:
-                lse = tl.load(lse_base + rows)
-                delta = tl.load(delta_base + rows)
+            q = _load_tile(q_group + member * stride_qh + q_rows * stride_ql, row_ok, d_ok, True,
+                           PAD_D)  # (BLOCK_M, BLOCK_D)
+            do = _load_tile(do_group + member * stride_doh + q_rows * stride_dol, row_ok, d_ok, True,
+                            PAD_D)  # (BLOCK_M, BLOCK_D)
+            stats = member * stride_lse_h + rows
+            lse = tl.load(lse_group + stats, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_group + stats, mask=row_ok, other=0.0)
             scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
             probs_t = tl.exp2(scores_t - lse[None, :])
-            if MASKED:
+            if (tile_m < full_start) | (tile_m >= full_end):
                 visible_t = (cols < k_valid)[:, None] & row_ok[None, :]
                 if CAUSAL:
                     visible_t = visible_t & (cols[:, None] <= rows[None, :] + causal_offset)
@@ -369,7 +446,7 @@ if _backend.triton_available():
             dk += tl.dot(dscores_t.to(q.dtype), q, input_precision=DOT_PRECISION)
         return dk, dv
 
-    @triton.autotune(configs=_configs("BLOCK_N", _ROW_TILE_OPTIONS), key=_TUNE_KEY, prune_configs_by=_PRUNE)
+    @triton.autotune(configs=_candidate_configs("dkdv"), key=_TUNE_KEY, prune_configs_by=_pruning("dkdv"))
     @triton.jit
     def _attention_bwd_dkdv_kernel(
         Q, K, V, DO, DK, DV, LSE, DELTA, K_LENS, CU_Q, CU_K,
@@ -420,23 +497,16 @@ if _backend.triton_available():
         full_start = tl.minimum(tl.maximum(full_start, begin_m), end_m)
         full_end = tl.where(first_col + BLOCK_N <= k_valid, q_len // BLOCK_M * BLOCK_M, 0)
         full_end = tl.minimum(tl.maximum(full_end, full_start), end_m)
-        for member in range(0, group):
-            head = kv_head * group + member
-            q_base = Q + batch.to(tl.int64) * stride_qb + head * stride_qh + offs_d[None, :]
-            do_base = DO + batch.to(tl.int64) * stride_dob + head * stride_doh + offs_d[None, :]
-            stats_offset = batch.to(tl.int64) * stride_lse_b + head * stride_lse_h + q_start
-            dk, dv = _dkdv_query_tiles(
-                dk, dv, k, v, q_base, do_base, LSE + stats_offset, DELTA + stats_offset, stride_ql, stride_dol,
-                q_start, q_len, cols, k_valid, causal_offset, qk_scale, d_ok, begin_m, full_start,
-                True, CAUSAL, PAD_D, DOT_PRECISION, BLOCK_M)
-            dk, dv = _dkdv_query_tiles(
-                dk, dv, k, v, q_base, do_base, LSE + stats_offset, DELTA + stats_offset, stride_ql, stride_dol,
-                q_start, q_len, cols, k_valid, causal_offset, qk_scale, d_ok, full_start, full_end,
-                False, CAUSAL, PAD_D, DOT_PRECISION, BLOCK_M)
-            dk, dv = _dkdv_query_tiles(
-                dk, dv, k, v, q_base, do_base, LSE + stats_offset, DELTA + stats_offset, stride_ql, stride_dol,
-                q_start, q_len, cols, k_valid, causal_offset, qk_scale, d_ok, full_end, end_m,
-                True, CAUSAL, PAD_D, DOT_PRECISION, BLOCK_M)
+        first_head = kv_head * group
+        q_group = Q + batch.to(tl.int64) * stride_qb + first_head * stride_qh + offs_d[None, :]
+        do_group = DO + batch.to(tl.int64) * stride_dob + first_head * stride_doh + offs_d[None, :]
+        stats_group = batch.to(tl.int64) * stride_lse_b + first_head * stride_lse_h + q_start
+        lse_group = LSE + stats_group
+        delta_group = DELTA + stats_group
+        dk, dv = _dkdv_query_tiles(
+            dk, dv, k, v, q_group, do_group, lse_group, delta_group, stride_ql, stride_qh, stride_dol, stride_doh,
+            stride_lse_h, group, q_start, q_len, cols, k_valid, causal_offset, qk_scale, d_ok,
+            begin_m, full_start, full_end, end_m, CAUSAL, PAD_D, DOT_PRECISION, BLOCK_M)
         dk = dk * sm_scale
 
         out_mask = (cols < k_len)[:, None] & d_ok[None, :]
@@ -466,7 +536,7 @@ if _backend.triton_available():
             dq += tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
         return dq
 
-    @triton.autotune(configs=_configs("BLOCK_M", _ROW_TILE_OPTIONS), key=_TUNE_KEY, prune_configs_by=_PRUNE)
+    @triton.autotune(configs=_candidate_configs("dq"), key=_TUNE_KEY, prune_configs_by=_pruning("dq"))
     @triton.jit
     def _attention_bwd_dq_kernel(
         Q, K, V, DO, DQ, LSE, DELTA, K_LENS, CU_Q, CU_K,
@@ -608,7 +678,7 @@ def _attention_forward(q, k, v, geo: _Geometry):
     _attention_fwd_kernel[grid](
         q, k, v, out, lse, geo.k_lens, geo.cu_q, geo.cu_k,
         *geo.strides(q), *geo.strides(k), *geo.strides(v), *geo.strides(out),
-        stride_lse_b, stride_lse_h, **geo.common(), BLOCK_N=_REDUCE_TILE,
+        stride_lse_b, stride_lse_h, **geo.common(), BLOCK_N=_REDUCE_TILES["fwd"],
     )
     return out, lse
 
@@ -630,13 +700,13 @@ def _attention_backward(q, k, v, out, lse, grad_out, geo: _Geometry):
     _attention_bwd_dkdv_kernel[grid_kv](
         q, k, v, grad_out, grad_k, grad_v, lse, delta, geo.k_lens, geo.cu_q, geo.cu_k,
         *strides_qkv_do, *geo.strides(grad_k), *geo.strides(grad_v), stride_lse_b, stride_lse_h,
-        **geo.common(), BLOCK_M=_REDUCE_TILE,
+        **geo.common(), BLOCK_M=_REDUCE_TILES["dkdv"],
     )
     grid_q = lambda meta: (triton.cdiv(geo.len_q, meta["BLOCK_M"]), geo.n_heads, geo.batch)  # noqa: E731
     _attention_bwd_dq_kernel[grid_q](
         q, k, v, grad_out, grad_q, lse, delta, geo.k_lens, geo.cu_q, geo.cu_k,
         *strides_qkv_do, *geo.strides(grad_q), stride_lse_b, stride_lse_h,
-        **geo.common(), BLOCK_N=_REDUCE_TILE,
+        **geo.common(), BLOCK_N=_REDUCE_TILES["dq"],
     )
     return grad_q, grad_k, grad_v
 
