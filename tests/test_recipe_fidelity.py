@@ -104,13 +104,14 @@ def test_vace_preset_carries_the_official_dgx_configuration():
     assert tiny.eval_size == (tiny.height, tiny.width, tiny.num_frames)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("ema_schedule", "official", "ema_schedule"), ("ema_repeats", 0, "ema_repeats"), ("eval_height", 40, "eval_height"),
-    ("eval_width", 0, "eval_width"), ("eval_num_frames", 10, "eval_num_frames"), ("vae_dtype", "float16", "vae_dtype"),
-    ("diffusers_ref_resize", "yes", "diffusers_ref_resize"), ("init_lora", "some/lora", "init_lora")])
-def test_new_settings_are_validated(field, value, message):
+@pytest.mark.parametrize("field, value, reason", [
+    ("ema_schedule", "official", "must be one of"), ("ema_repeats", 0, ">= 1"), ("eval_height", 40, "multiple of 16"),
+    ("eval_width", 0, ">= 16"), ("eval_num_frames", 10, "4k\\+1"), ("vae_dtype", "float16", "must be one of"),
+    ("diffusers_ref_resize", "yes", "must be a bool"), ("init_lora", "some/lora", "needs a LoRA policy")])
+def test_new_settings_are_validated(field, value, reason):
     RecipeConfig.from_name("tiny", model="tiny", lora_rank=4, eval_height=32, eval_num_frames=9, init_lora="some/lora")
-    with pytest.raises(ValueError, match=message):
+    flag = "--" + field.replace("_", "-")  # errors name the flag the user typed, then why it is refused
+    with pytest.raises(ValueError, match=f"{flag}.*{reason}"):
         RecipeConfig.from_name("tiny", **{field: value})  # the tiny preset's toy policy has no LoRA to start from
 
 
