@@ -117,38 +117,28 @@ class SwitchableReward:
     """score(frames, references, prompts) of a reward model whose attention follows the trainer's mode: SDPA when
     the baseline's `sdpa_attention` is on (the straightforward reward model), idgrpo's otherwise."""
 
-    def __init__(self, name: str, model, set_impl):
-        self.name, self.model, self.set_impl = name, model, set_impl
+    def __init__(self, name: str, model):
+        self.name, self.model = name, model
         self.impl = "idgrpo"
 
     def __call__(self, frames, references, prompts):
-        with self.set_impl(self.impl):
-            return self.model.score(frames, references, prompts)
+        self.model.set_attention_impl(self.impl)  # both reward models take the same switch
+        return self.model.score(frames, references, prompts)
 
 
 def compact_reward(preset: str, device, dtype) -> SwitchableReward:
-    from bench.reward import compact_attention
     from idgrpo.reward.model import IdentityRewardModel, RewardModelConfig
 
     torch.manual_seed(0)
     model = IdentityRewardModel(RewardModelConfig.from_name(preset)).to(device=device, dtype=dtype).eval()
-    return SwitchableReward(f"compact-{preset}", model, compact_attention)
+    return SwitchableReward(f"compact-{preset}", model)
 
 
 def vlm_reward(preset: str, device, dtype, quick: bool) -> SwitchableReward:
     from bench.reward import build_vlm_reward
 
     model, _ = build_vlm_reward(preset, device, dtype, quick)
-
-    @contextlib.contextmanager
-    def set_impl(impl):
-        model.backbone.set_attention(impl)
-        try:
-            yield
-        finally:
-            model.backbone.set_attention("idgrpo")
-
-    return SwitchableReward(f"qwen2.5-vl-{preset}", model, set_impl)
+    return SwitchableReward(f"qwen2.5-vl-{preset}", model)
 
 
 def build_trainer(recipe: dict, score: SwitchableReward, device: torch.device, run_dir: str) -> GRPOTrainer:

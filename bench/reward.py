@@ -42,6 +42,7 @@ import os
 import torch
 
 from bench.common import report, time_fn
+from idgrpo.models.wan_dit import ATTENTION_IMPLS
 
 FRAMES = 5
 REFERENCES = 2
@@ -59,7 +60,6 @@ PROMPTS = [
 ]
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                        "<|image_pad|>", "<|video_pad|>"]
-ATTENTION_IMPLS = ("idgrpo", "sdpa")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -138,23 +138,6 @@ def build_vlm_reward(preset: str, device: torch.device, dtype: torch.dtype, quic
         backbone = Qwen2_5_VL(config)
     model = VLMReward(backbone, processor, reward_config).eval()
     return model, tokenizer_note
-
-
-@contextlib.contextmanager
-def compact_attention(impl: str):
-    """Deprecated (bench/e2e.py's, until it calls `IdentityRewardModel.set_attention_impl`): swap the attention
-    function the compact reward model calls (module global) for torch SDPA."""
-    import idgrpo.reward.model as compact
-    from idgrpo.models.qwen2_5_vl import sdpa_attention
-
-    if not hasattr(compact, "attention"):
-        raise RuntimeError("idgrpo.reward.model no longer calls a module-level `attention`: update bench/reward.py")
-    original = compact.attention
-    compact.attention = {"idgrpo": original, "sdpa": sdpa_attention}[impl]
-    try:
-        yield
-    finally:
-        compact.attention = original
 
 
 # ----------------------------------------------------------------------------- timing

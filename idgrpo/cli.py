@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("idgrpo.demo:demo", "The whole pipeline on a tiny synthetic world, on a CPU (start here)."),
     "env": ("idgrpo.env:env", "Versions, devices, optional accelerators and the kernel backend per op."),
     "encode-prompts": ("idgrpo.models.prompt_cache:encode_prompts", "Cache umT5 prompt embeddings."),
-    "train-grpo": ("idgrpo.rl.recipe:train_grpo", "Identity-GRPO training (presets tiny, vace-1.3b, phantom-1.3b)."),
+    "train-grpo": ("idgrpo.rl.recipe:train_grpo", "GRPO or NFT training from a preset (tiny; Wan 1.3B, 14B)."),
     "plan": ("idgrpo.plan:plan", "Per-GPU memory, FLOPs and the torchrun command of a train-grpo preset on a layout."),
     "export-lora": ("idgrpo.rl.trainer:export_run_lora",
                     "Write a GRPO run's LoRA adapters in PEFT's or diffusers' format (docs/lora.md)."),

@@ -189,6 +189,9 @@ class DemoConfig:
     """Flow shift of the sampling grid and of the pretraining σ distribution."""
 
     # --- stage 4: GRPO ----------------------------------------------------------------------------------------------
+    objective: Literal["grpo", "nft"] = "grpo"
+    """Stage 4's training objective (docs/objectives.md): "grpo" (the clipped-ratio loss on the SDE window) or "nft"
+    (DiffusionNFT on forward-noised clean samples of CFG-free Euler rollouts of the old policy)."""
     grpo_prompts: int = 64
     """Training prompt rows (world scenes: references + layout) for GRPO."""
     grpo_epochs: int = 16
@@ -200,7 +203,18 @@ class DemoConfig:
     num_steps: int = 6
     """Sampling steps of rollouts and evaluation."""
     sde_window_size: int = 3
-    """Stochastic (and trained) steps at the start of a rollout; the rest are Euler steps (Flow-GRPO-Fast style)."""
+    """GRPO: stochastic (and trained) steps at the start of a rollout; the rest are Euler steps (Flow-GRPO-Fast
+    style). --num-steps trains the full trajectory, as the Identity-GRPO paper."""
+    sde_window_slide_every: int = 0
+    """GRPO: advance the window by one step every this many epochs, wrapping around (MixGRPO's sliding window; 0: a
+    fixed window at the start)."""
+    timestep_fraction: float = 1.0
+    """GRPO: train the SDE steps among the first ⌊num_steps·fraction⌋ steps. NFT: each sample is trained at
+    ⌊num_steps·fraction⌋ (at least 1) noise levels of the sampling grid."""
+    nft_beta: float = 1.0
+    """NFT: the step β between the old and the trained policy (`GRPOConfig.nft_beta`)."""
+    nft_old_decay: int = 1
+    """NFT: the old policy's decay schedule, 0, 1 or 2 (`GRPOConfig.nft_old_decay`)."""
     lora_rank: int = 16
     """LoRA rank on the attention projections."""
     updates_per_epoch: int = 4
@@ -213,12 +227,20 @@ class DemoConfig:
     kl_beta: float = 0.01
     """KL weight to the LoRA-free (pretrained) policy."""
     shared_initial_noise: bool = True
-    """A group's videos start from one initial latent and differ only in their SDE noise (Note [shared initial
-    noise] in idgrpo/demo.py)."""
+    """GRPO: a group's videos start from one initial latent and differ only in their SDE noise (Note [shared initial
+    noise] in idgrpo/demo.py). Not with NFT, whose Euler rollouts have no noise after the first: a group would be one
+    video G times."""
 
     # --- stage 5: evaluation ----------------------------------------------------------------------------------------
     eval_prompts: int = 16
     """Held-out scenes (new people combinations, paths, backgrounds) evaluated before and after GRPO."""
+    curve_every: int = 4
+    """Evaluate the held-out scenes (learned reward and oracle) every this many GRPO epochs for the training curves
+    (0: before and after only). Deterministic and outside the training's random streams, so the trained policy does
+    not depend on it; its time is not counted in `train_wall_s`."""
+    stage_cache: Path | None = None
+    """Folder of cached stage 1-3 results (the pretrained policy and the reward model, under a key of every setting
+    they depend on): reused when present, written when missing. The arms of the objective study share it."""
     gif_videos: int = 4
     """Held-out videos written as before/after GIFs."""
 
@@ -233,8 +255,8 @@ class DemoConfig:
                     setattr(self, name, value)
         one_of(self, "guide", GUIDES)
         one_of(self, "num_people", (2, 3))
-        within(self, "seed", 0, 2**32 - 1)
-        at_least(self, 0, "threads", "gif_videos", "annotation_tie", "kl_beta")
+        within(self, "seed", 0, 2**31 - 1)  # stage 4's GRPOConfig.seed range
+        at_least(self, 0, "threads", "gif_videos", "annotation_tie", "kl_beta", "curve_every", "sde_window_slide_every")
         at_least(self, 1, "pixel_stride", "reward_patch", "policy_patch", "reward_frames", "reward_depth",
                  "reward_epochs", "reward_batch", "pretrain_steps", "pretrain_batch", "grpo_epochs",
                  "prompts_per_epoch", "num_steps", "eval_prompts", "policy_videos", "grpo_prompts", "pairs_per_video",
@@ -270,6 +292,7 @@ class DemoConfig:
         if self.annotated_seeds == 1 or self.annotated_seeds < 0:
             raise UsageError(f"--annotated-seeds must be 0 or >= 2 (pairs of one scene's videos), "
                              f"got {self.annotated_seeds}")
+        grpo_config(self)  # stage 4's settings are checked now, not after three stages of work
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -611,15 +634,18 @@ def grpo_config(cfg: DemoConfig):
     from idgrpo.rl.config import GRPOConfig
 
     return GRPOConfig(
+        objective=cfg.objective, nft_beta=cfg.nft_beta, nft_old_decay=cfg.nft_old_decay, nft_solver="euler",
+        sde_window_slide_every=cfg.sde_window_slide_every,
         num_steps=cfg.num_steps, shift=cfg.shift, grid="diffusers", group_size=cfg.group_size,
         # One rollout forward for a rank's whole epoch and micro-batches of a group: on a CPU, bigger matmuls use the
         # cores better (9.6 -> 7.0 s per epoch in the full demo on 2 cores, against batches of 8 and 4); the samples
         # do not depend on the batching.
         prompts_per_epoch=cfg.prompts_per_epoch, rollout_batch_size=cfg.prompts_per_epoch * cfg.group_size,
-        sde_window_size=cfg.sde_window_size, timestep_fraction=1.0, lr=cfg.grpo_lr, clip_range=cfg.clip_range,
+        sde_window_size=cfg.sde_window_size, timestep_fraction=cfg.timestep_fraction, lr=cfg.grpo_lr,
+        clip_range=cfg.clip_range,
         adv_clip=5.0, kl_beta=cfg.kl_beta, ema_decay=0.0,
         updates_per_epoch=cfg.updates_per_epoch, train_batch_size=cfg.group_size,
-        shared_initial_noise=cfg.shared_initial_noise,
+        shared_initial_noise=cfg.shared_initial_noise and cfg.objective == "grpo",
         epochs=cfg.grpo_epochs, eval_every=0, eval_steps=cfg.num_steps, eval_solver="euler",
         save_every=cfg.grpo_epochs, resume=False, compute_dtype="float32", seed=cfg.seed,
         run_dir=str(cfg.run_dir / "grpo"))
@@ -799,27 +825,56 @@ class GRPOStage:
     before: PolicyEvaluation
     policy: nn.Module
     history: list[dict]
+    """The trainer's epoch records, plus on every `curve_every`-th epoch `eval_reward` and `eval_oracle` (held-out
+    learned reward and oracle), and on every epoch `train_wall_s` (seconds of training so far, curve evaluations
+    excluded) and `policy_forwards` (videos through the policy's forward so far: rollouts and updates)."""
+
+
+class ForwardCounter:
+    """Videos through a module's forward (the batch size of every call), via a forward hook."""
+
+    def __init__(self, module: nn.Module):
+        self.videos = 0
+        self.handle = module.register_forward_hook(self._count)
+
+    def _count(self, module, args, output) -> None:
+        self.videos += int(args[0].shape[0])
 
 
 def stage_grpo(cfg: DemoConfig, data: WorldData, policy, score, device, rank: int) -> GRPOStage:
-    """4. GRPO on LoRA adapters of the pretrained policy with the trained reward; writes <run_dir>/grpo/ (metrics,
-    checkpoint, the LoRA in PEFT format, the trainer's plot)."""
+    """4. GRPO (or NFT, `--objective`) on LoRA adapters of the pretrained policy with the trained reward; writes
+    <run_dir>/grpo/ (metrics, checkpoint, the LoRA in PEFT format, the trainer's plot)."""
     from idgrpo.models.lora import apply_lora, mark_only_lora_trainable
     from idgrpo.rl.trainer import GRPOTrainer
 
     before = evaluate_policy(cfg, policy, data.eval_rows, score, device)
+    # Stage 4 draws from its own seed: the same adapters and run whether stages 1-3 ran now or came from the cache.
+    torch.manual_seed(cfg.seed * 1_000_003 + 4)
     apply_lora(policy, cfg.lora_rank, float(cfg.lora_rank))
     mark_only_lora_trainable(policy)
     trainer = GRPOTrainer(grpo_config(cfg), policy, score=score, decode=lambda z: decode_latents(z, cfg.pixel_stride),
                           build_conditioning=conditioning_builder(cfg, device), latent_shape=latent_shape_of(cfg),
                           train_rows=data.grpo_rows, lora=True, log=lambda msg: None)
-    bar = progress(total=cfg.grpo_epochs, desc="4/5 GRPO", rank=rank, leave=True)
+    desc = "4/5 GRPO" if cfg.objective == "grpo" else "4/5 NFT"
+    bar = progress(total=cfg.grpo_epochs, desc=desc, rank=rank, leave=True)
+    counter = ForwardCounter(policy)
+    started, excluded = time.monotonic(), 0.0
 
     def advance(trainer, record):
+        nonlocal excluded
+        record["train_wall_s"] = time.monotonic() - started - excluded
+        record["policy_forwards"] = counter.videos
+        epoch = int(record["epoch"])
+        if cfg.curve_every and ((epoch + 1) % cfg.curve_every == 0 or epoch + 1 == cfg.grpo_epochs):
+            start, videos = time.monotonic(), counter.videos
+            point = evaluate_policy(cfg, trainer.policy, data.eval_rows, score, device)
+            record["eval_reward"], record["eval_oracle"] = point.reward_mean, point.oracle_mean
+            counter.videos, excluded = videos, excluded + time.monotonic() - start
         bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
         bar.update(1)
 
     history = trainer.train(on_epoch_end=advance)
+    counter.handle.remove()
     bar.close()
     return GRPOStage(before, trainer.policy, history)
 
@@ -831,6 +886,70 @@ def stage_evaluation(cfg: DemoConfig, data: WorldData, grpo: GRPOStage, score, d
     bar.update(1)
     bar.close()
     return after
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The stage cache (stages 2-3: the pretrained policy and the reward model)
+# ----------------------------------------------------------------------------------------------------------------------
+
+STAGE_4_SETTINGS = frozenset({
+    "run_dir", "quick", "collective_timeout", "stage_cache", "curve_every", "gif_videos", "objective",
+    "grpo_epochs", "prompts_per_epoch", "group_size", "sde_window_size", "sde_window_slide_every",
+    "timestep_fraction", "nft_beta", "nft_old_decay", "lora_rank", "updates_per_epoch", "grpo_lr", "clip_range",
+    "kl_beta", "shared_initial_noise",
+})
+"""DemoConfig fields that stages 1-3 never read: the cache key leaves them out. (`num_steps` stays in: stage 3
+samples the pretrained policy with it.)"""
+
+
+def stage_cache_dir(cfg: DemoConfig, threads: int) -> Path:
+    """`<stage_cache>/<key>`: the key hashes every setting stages 1-3 read, and the threads per process (CPU floats
+    depend on it)."""
+    import hashlib
+
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in STAGE_4_SETTINGS}
+    settings["threads_per_process"] = threads
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(cfg.stage_cache) / key
+
+
+def save_stages(folder: Path, pretrained: Pretraining, reward: RewardStage) -> None:
+    """Write stages 2-3's results into `folder` (rank 0), through a temporary folder renamed at the end, so a
+    folder that exists is complete."""
+    import shutil
+
+    from idgrpo.engine.checkpoint import save_safetensors_atomic
+
+    tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_safetensors_atomic({k: v.contiguous() for k, v in pretrained.policy.state_dict().items()},
+                            tmp / "policy.safetensors")
+    reward.model.save(tmp / "reward_model")
+    (tmp / "stages.json").write_text(json.dumps({"pretrain_losses": pretrained.losses,
+                                                 "reward_train_pairs": reward.train_pairs,
+                                                 "reward_metrics": reward.metrics}))
+    try:
+        tmp.rename(folder)
+    except OSError:  # another run wrote it first: theirs is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_stages(cfg: DemoConfig, folder: Path, device) -> tuple[Pretraining, RewardStage]:
+    """Stages 2-3's results from `folder` (`save_stages`); weights checked finite."""
+    from safetensors.torch import load_file
+
+    from idgrpo.models.weights import refuse_nonfinite
+    from idgrpo.reward.model import IdentityRewardModel
+
+    file = folder / "policy.safetensors"
+    state = {key: refuse_nonfinite(file, key, tensor) for key, tensor in load_file(file).items()}
+    policy = build_policy(cfg, device)
+    policy.load_state_dict(state)
+    facts = json.loads((folder / "stages.json").read_text())
+    model = IdentityRewardModel.load(folder / "reward_model").eval().requires_grad_(False)
+    return (Pretraining(policy.to(device).requires_grad_(False), facts["pretrain_losses"]),
+            RewardStage(model, facts["reward_train_pairs"], facts["reward_metrics"], cfg.reward_frames))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -890,9 +1009,16 @@ def demo(config: Annotated[DemoConfig, tyro.conf.arg(name="")]) -> int:
         return result
 
     data = timed("data_s", stage_world_data, cfg, rank)
-    pretrained = timed("pretrain_s", stage_pretraining, cfg, data, device, rank)
-    annotated = timed("annotate_s", stage_annotation, cfg, data, pretrained.policy, device, rank)
-    reward = timed("reward_s", stage_reward_model, cfg, data, annotated, rank)
+    cache = stage_cache_dir(cfg, threads) if cfg.stage_cache is not None else None
+    if cache is not None and (cache / "stages.json").is_file():
+        pretrained, reward = timed("cache_load_s", load_stages, cfg, cache, device)
+        _say(rank, f"demo: stages 2-3 (pretrained policy, reward model) read from {cache}")
+    else:
+        pretrained = timed("pretrain_s", stage_pretraining, cfg, data, device, rank)
+        annotated = timed("annotate_s", stage_annotation, cfg, data, pretrained.policy, device, rank)
+        reward = timed("reward_s", stage_reward_model, cfg, data, annotated, rank)
+        if cache is not None and rank == 0:
+            save_stages(cache, pretrained, reward)
     if rank == 0:
         reward.model.save(run_dir / "reward_model")
     grpo = timed("grpo_s", stage_grpo, cfg, data, pretrained.policy, reward.score, device, rank)

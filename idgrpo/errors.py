@@ -30,6 +30,12 @@ class UsageError(ValueError):
     """Input the user has to fix: a flag value, a file, a row of a data file. The message names it."""
 
 
+class CheckpointError(ValueError):
+    """A weights or checkpoint file that cannot be used: unreadable, damaged, not fitting the model, non-finite.
+    The message names the file and the key. The model loaders (`idgrpo.models.weights`) and the engine's
+    checkpointer (`idgrpo.engine.checkpoint`) raise this one class."""
+
+
 def flag(name: str, prefix: str = "") -> str:
     """The command-line spelling of a config field: `grad_clip` -> `--grad-clip`; prefix `model`: `--model.dim`."""
     return "--" + (f"{prefix}." if prefix else "") + name.replace("_", "-")

@@ -88,6 +88,8 @@ BAD_FLAGS = [
     ("demo", ["--population", "1"], "--population"),
     ("demo", ["--threads", "-1"], "--threads"),
     ("demo", ["--seed", "-1"], "--seed"),
+    ("demo", ["--seed", "3000000000"], "--seed"),  # refused only at stage 4 before
+    ("train-grpo", ["vace-1.3b"], "--train-csv"),  # a recipe that needs reference images
     ("demo", ["--reward-videos", "7"], "--reward-videos"),
     ("demo", ["--pairs-per-video", "0"], "--pairs-per-video"),
     ("demo", ["--reward-frames", "0"], "--reward-frames"),
@@ -143,6 +145,7 @@ def _output_args(command: str, tmp_path) -> list[str]:
             "score": ["--model", str(out / "model"), "--out", str(out / "scores.csv")],
             "synth-pairs": ["--out", str(out)],
             "demo": ["--run-dir", str(out)],
+            "train-grpo": ["--run-dir", str(out)],
             "encode-prompts": ["--prompts", str(tmp_path / "prompts.txt"), "--output", str(out / "c.safetensors")],
             }[command]
 

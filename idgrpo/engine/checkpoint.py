@@ -48,15 +48,12 @@ from idgrpo.engine.dist import barrier, world
 from idgrpo.engine.faults import fault_point
 from idgrpo.engine.fsdp import FSDP, FlatGroup
 from idgrpo.engine.optim import NonFiniteError, nonfinite_summary
+from idgrpo.errors import CheckpointError
 
 FORMAT = "idgrpo-checkpoint"
 VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _RESTORED_HYPERPARAMETERS = {"lr", "initial_lr", "betas", "eps", "weight_decay", "step"}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded; the message names the file and the key."""
 
 
 class CheckpointDamaged(CheckpointError):

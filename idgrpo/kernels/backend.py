@@ -30,6 +30,7 @@ OPS = {
     "attention": "attention",
     "group_advantage": "group_advantage",
     "grpo_loss": "grpo_loss",
+    "nft_loss": "nft_loss",
     "norm": "norm",
     "rope": "rope",
 }

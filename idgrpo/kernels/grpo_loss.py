@@ -38,7 +38,6 @@ except ImportError:  # the reference path works without triton
 
 NOISE_SCHEDULES = ("identity_grpo", "flow_grpo")
 """The SDE noise-level schedules of `sde_noise_std` (not the sampling grids of `idgrpo.rl.schedules`)."""
-SCHEDULES = NOISE_SCHEDULES  # the former name, still imported by idgrpo/rl/config.py
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 

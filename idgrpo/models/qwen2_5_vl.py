@@ -225,7 +225,7 @@ def sdpa_attention(q, k, v, *, causal=False, k_lens=None, cu_seqlens_q=None, cu_
     return out.transpose(1, 2)  # (B, Lq, H, D)
 
 
-ATTENTION_IMPLEMENTATIONS = {"idgrpo": attention, "sdpa": sdpa_attention}
+ATTENTION_IMPLS = {"idgrpo": attention, "sdpa": sdpa_attention}
 
 
 # ----------------------------------------------------------------------------- vision tower
@@ -489,13 +489,12 @@ class Qwen2_5_VL(nn.Module):
     def set_attention_impl(self, impl: str) -> None:
         """Route every attention through "idgrpo" (the project's kernel, default) or "sdpa" (torch SDPA as
         transformers runs it: the benchmarks' baseline) from now on."""
-        if impl not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention_impl={impl!r}: expected one of {tuple(ATTENTION_IMPLEMENTATIONS)}")
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={impl!r}: expected one of {tuple(ATTENTION_IMPLS)}")
         for module in self.modules():
             if isinstance(module, (VisionAttention, TextAttention)):
-                module.attention_fn = ATTENTION_IMPLEMENTATIONS[impl]
+                module.attention_fn = ATTENTION_IMPLS[impl]
 
-    set_attention = set_attention_impl  # deprecated name, still called by bench/e2e.py
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:  # tied: the embedding matrix (an Embedding, which LoRA does not wrap)
@@ -638,6 +637,6 @@ def hf_config_dict(config: Qwen2_5_VLConfig) -> dict:
     }
 
 
-__all__ = ["ATTENTION_IMPLEMENTATIONS", "Qwen2_5_VL", "Qwen2_5_VLConfig", "QwenVisionConfig", "VisionTower",
+__all__ = ["ATTENTION_IMPLS", "Qwen2_5_VL", "Qwen2_5_VLConfig", "QwenVisionConfig", "VisionTower",
            "hf_config_dict", "load_qwen2_5_vl", "save_qwen2_5_vl", "sdpa_attention", "to_checkpoint_key",
            "to_new_hf_key", "vision_layout"]

@@ -41,16 +41,13 @@ import torch
 import torch.nn as nn
 
 from idgrpo.engine.optim import NonFiniteError, nonfinite_summary
+from idgrpo.errors import CheckpointError
 from idgrpo.models.wan_dit import WanConfig, WanDiT
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 DIFFUSERS_VERSION = "0.35.0"  # the version Identity-GRPO pins; written into saved configs
 T = TypeVar("T")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: names the file and every offending key."""
 
 
 # ------------------------------------------- key renames (docs/models.md#dit-checkpoint-layouts)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from idgrpo.errors import UsageError, above, at_least
 from idgrpo.kernels.attention import attention
-from idgrpo.models.qwen2_5_vl import ATTENTION_IMPLEMENTATIONS, sdpa_attention
+from idgrpo.models.qwen2_5_vl import ATTENTION_IMPLS, sdpa_attention
 
 
 @dataclass
@@ -174,8 +174,8 @@ class IdentityRewardModel(nn.Module):
 
     def set_attention_impl(self, impl: str) -> None:
         """Route every attention through "idgrpo" (our kernel, default) or "sdpa" (torch SDPA) from now on."""
-        if impl not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention_impl={impl!r}: expected one of {tuple(ATTENTION_IMPLEMENTATIONS)}")
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={impl!r}: expected one of {tuple(ATTENTION_IMPLS)}")
         for module in self.modules():
             if isinstance(module, Block):
                 module.attention_impl = impl

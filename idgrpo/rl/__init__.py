@@ -25,7 +25,7 @@ Files, one responsibility each:
 from idgrpo.prompts import PromptRow, read_prompts
 from idgrpo.rl.config import BaselineFlags, GRPOConfig, RecipeConfig
 from idgrpo.rl.plots import plot_training
-from idgrpo.rl.rollout import DecodeFn, EpochRollout, RewardFn
+from idgrpo.rl.rollout import DecodeFn, EpochRollout, RewardError, RewardFn
 from idgrpo.rl.sampler import (
     Branch,
     Conditioning,
@@ -43,6 +43,6 @@ from idgrpo.rl.trainer import ConditioningFn, EpochCallback, EvalCallback, GRPOT
 __all__ = [
     "BaselineFlags", "Branch", "Conditioning", "ConditioningFn", "DecodeFn", "EpochCallback", "EpochRollout",
     "EvalCallback", "FlowSchedule", "GRPOConfig", "GRPOTrainer", "PhaseTimer", "Policy", "PromptRow", "RecipeConfig",
-    "RewardFn", "Rollout", "cfg_conditioning", "flow_schedule", "phantom_conditioning", "plot_training",
+    "RewardError", "RewardFn", "Rollout", "cfg_conditioning", "flow_schedule", "phantom_conditioning", "plot_training",
     "read_prompts", "sample", "unipc_sample",
 ]

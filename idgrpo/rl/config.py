@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import tyro
 
 from idgrpo.errors import UsageError, above, at_least, flag, one_of, within
-from idgrpo.kernels.grpo_loss import SCHEDULES
+from idgrpo.kernels.grpo_loss import NOISE_SCHEDULES
 from idgrpo.rl.ema import EMA_SCHEDULES
 from idgrpo.rl.sampler import StepPlan
 from idgrpo.rl.schedules import GRIDS
@@ -31,6 +31,8 @@ from idgrpo.rl.schedules import GRIDS
 MODELS = ("toy", "tiny", "t2v-1.3b", "vace-1.3b", "phantom-1.3b", "t2v-14b", "vace-14b", "phantom-14b")
 """`RecipeConfig.model`: the toy flow policy, or a Wan DiT named as `WanConfig.from_name` names it."""
 DTYPES = ("bfloat16", "float32")
+OBJECTIVES = ("grpo", "nft")
+NFT_SOLVERS = ("euler", "unipc", "sde")
 
 
 @dataclass
@@ -42,6 +44,23 @@ class GRPOConfig:
         trainer = GRPOTrainer(config, my_policy, score=..., decode=..., build_conditioning=..., ...)
 
     Nothing here names a model: `GRPOTrainer` takes any policy and any reward with this config."""
+
+    # --- objective --------------------------------------------------------------------------------------------------
+    objective: str = "grpo"
+    """"grpo": the clipped-ratio loss on SDE transitions (the Identity-GRPO paper); "nft": DiffusionNFT, the
+    negative-aware loss on forward-noised clean samples (docs/objectives.md#training-with-nft): ODE rollouts of an
+    "old" policy (an EMA of the trained weights), CFG-free, trained at `num_steps`·`timestep_fraction` noise levels
+    per sample. The SDE window, `clip_range` and `noise_schedule` are GRPO's; `nft_*` are NFT's."""
+    nft_beta: float = 1.0
+    """NFT: the step β between the old and the trained policy's velocity (official: 1.0; 0.1 for its OCR and
+    multi-reward runs)."""
+    nft_old_decay: int = 1
+    """NFT: the old policy's decay schedule, the official `decay_type`, applied after every epoch with the optimizer
+    step count s: 0: decay 0 (the old policy is the trained one); 1: min(0.001·s, 0.5) (official default); 2: 0 for
+    s < 75, then min(0.0075·(s − 75), 0.999) (its OCR run). old ← decay·old + (1 − decay)·trained."""
+    nft_solver: str = "euler"
+    """NFT: how rollouts are sampled: "euler" or "unipc" (deterministic ODE) or "sde" (the SDE of `noise_schedule`
+    on every step); `num_steps` steps in each case. NFT needs no log-probability, so any sampler works."""
 
     # --- sampler ----------------------------------------------------------------------------------------------------
     num_steps: int = 25
@@ -171,10 +190,11 @@ class GRPOConfig:
     tokens. 1: data parallelism only. Must divide the world size and the policy's attention heads."""
 
     def __post_init__(self):
-        for name, choices in (("grid", GRIDS), ("noise_schedule", SCHEDULES), ("adv_std", ("group", "global")),
+        for name, choices in (("grid", GRIDS), ("noise_schedule", NOISE_SCHEDULES), ("adv_std", ("group", "global")),
                               ("reference", ("lora", "copy")), ("grad_accumulation", ("auto", "local", "sharded")),
                               ("eval_solver", ("unipc", "euler")), ("ema_schedule", EMA_SCHEDULES),
-                              ("compute_dtype", DTYPES)):
+                              ("compute_dtype", DTYPES), ("objective", OBJECTIVES), ("nft_solver", NFT_SOLVERS),
+                              ("nft_old_decay", (0, 1, 2))):
             one_of(self, name, choices)
         # A group of one sample has zero variance: every advantage would be 0, nothing kept, no update ever made.
         at_least(self, 2, "group_size")
@@ -186,7 +206,8 @@ class GRPOConfig:
         # The per-sample noise seeds derived from it (idgrpo.rl.data) must stay within torch's 64-bit generator seeds.
         within(self, "seed", 0, 2**31 - 1)
         at_least(self, 1, "sp_size")  # whether it divides the world and the heads is checked at launch
-        above(self, 0.0, "shift", "noise_level", "lr", "adam_eps", "max_grad_norm", "clip_range", "adv_clip")
+        above(self, 0.0, "shift", "noise_level", "lr", "adam_eps", "max_grad_norm", "clip_range", "adv_clip",
+              "nft_beta")
         at_least(self, 0.0, "weight_decay", "kl_beta")
         within(self, "timestep_fraction", 0.0, 1.0, open_low=True)
         within(self, "ema_decay", 0.0, 1.0, open_high=True)
@@ -194,6 +215,10 @@ class GRPOConfig:
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
                                       and 0 <= b < 1 for b in betas):
             raise UsageError(f"--betas must be two numbers in [0, 1), got {self.betas}")
+        if self.objective == "nft" and self.nft_solver != "sde" and self.shared_initial_noise:
+            raise UsageError(f"--shared-initial-noise with --objective nft and --nft-solver {self.nft_solver}: a "
+                             f"deterministic sampler turns one initial latent into one video, so every group would "
+                             f"have zero variance; drop --shared-initial-noise or use --nft-solver sde")
         try:  # the first epoch's plan: a window outside the steps, or one without a trained step, is refused here
             if self.sde_window_slide_every > 0 and self.sde_window_size > 0:
                 StepPlan.sliding(self.num_steps, self.sde_window_size, 0, every=self.sde_window_slide_every,
@@ -209,6 +234,12 @@ class GRPOConfig:
     @property
     def num_trained_steps(self) -> int:
         return int(self.num_steps * self.timestep_fraction)
+
+    @property
+    def nft_levels(self) -> int:
+        """NFT: noise levels each sample is trained at per inner epoch, ⌊num_steps·timestep_fraction⌋ (at least 1) of
+        the sampling grid's σ, as the official script's `num_train_timesteps`."""
+        return max(1, int(self.num_steps * self.timestep_fraction))
 
     @staticmethod
     def from_name(name: str, **overrides) -> GRPOConfig:

@@ -1,6 +1,6 @@
-"""Training curves of a GRPO run as one PNG: reward (training mean ± std and evaluation), KL to the reference
-policy, clipped fraction, per epoch. `GRPOTrainer` writes it as `<run_dir>/reward_curve.png` at every evaluation and
-at the end of a run; `idgrpo demo` writes its own.
+"""Training curves of a GRPO or NFT run as one PNG: reward (training mean ± std and evaluation), the demo's oracle,
+distance to the reference policy, clipped fraction, per epoch. `GRPOTrainer` writes it as
+`<run_dir>/reward_curve.png` at every evaluation and at the end of a run; `idgrpo demo` writes its own.
 
     plot_training(trainer.history, "curves.png", title="my run")
 
@@ -18,9 +18,14 @@ from pathlib import Path
 PANELS = (
     ("Reward per video", "reward (reward model's units)",
      (("reward_mean", "training (rollouts)"), ("eval_reward", "evaluation (fixed noise, ODE)"))),
+    ("Oracle identity consistency", "consistency (1 = every person kept)",
+     (("eval_oracle", "held-out scenes (fixed noise, ODE)"),)),
     ("KL to the reference policy", "KL (nats per latent element)", (("kl", "training"),)),
+    ("Distance to the reference policy", "mean squared velocity difference", (("velocity_kl", "training (NFT)"),)),
     ("Clipped fraction", "fraction of ratios clipped", (("clipfrac", "training"),)),
 )
+"""`eval_oracle` is the demo's (its synthetic world has an exact identity oracle); `velocity_kl` is NFT's KL term,
+`kl` and `clipfrac` GRPO's. A panel is drawn when its series have values."""
 
 
 def _finite(value) -> bool:

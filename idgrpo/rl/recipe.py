@@ -211,7 +211,7 @@ def phantom_conditioning_builder(vae, text, config: RecipeConfig):
 def _rows(config: RecipeConfig, path: str | None, *, needs_references: bool) -> list[PromptRow]:
     if path is None:
         if needs_references:
-            raise ValueError(f"model {config.model!r} needs --train-csv (ref_paths,prompt) with reference images")
+            raise UsageError(f"--model {config.model} needs --train-csv (ref_paths,prompt) with reference images")
         return [PromptRow(p) for p in DEMO_PROMPTS]
     return read_prompts(path, references="load" if needs_references else "paths")
 
@@ -288,7 +288,7 @@ def build_trainer(config: RecipeConfig) -> GRPOTrainer:
 
     for name in ("weights_dir", "vae_path", "prompt_cache"):
         if getattr(config, name) is None:
-            raise ValueError(f"model {config.model!r} needs --{name.replace('_', '-')}")
+            raise UsageError(f"--model {config.model} needs {flag(name)}")
     dtype = torch.float32 if device.type == "cpu" else getattr(torch, config.grpo.compute_dtype)
     # Note: the weights load on the host, and FSDP moves this rank's shards to the device unit by unit, so no GPU
     # ever holds a whole 14B model. A LoRA run's frozen base loads in the compute dtype FSDP keeps it in (the same

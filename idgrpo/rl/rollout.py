@@ -186,7 +186,8 @@ class EpochRollout:
     """The guidance branches of the n samples, in sample order."""
     plan: StepPlan
     states: torch.Tensor
-    """(n, K + 1, C, F, H, W) fp32: x before each trained step, then after the last one."""
+    """(n, K + 1, C, F, H, W) fp32: x before each trained step, then after the last one (NFT: (n, 1, ...), the clean
+    latent of each sample)."""
     log_probs: torch.Tensor
     """(n, K) fp32: log-probability of each trained transition under the rollout policy."""
     ref_means: torch.Tensor | None
@@ -202,7 +203,7 @@ def roll_out(policy: Policy, conditioning: Conditioning, rows: Sequence[PromptRo
              plan: StepPlan, *, epoch: int, schedule: FlowSchedule, steps: StepSchedule,
              latent_shape: Sequence[int], batch_size: int, rewards: RewardWorker, reference: Policy | None = None,
              baseline: BaselineFlags | None = None, timer: PhaseTimer | None = None,
-             score_share: tuple[int, int] = (0, 1)) -> EpochRollout:
+             score_share: tuple[int, int] = (0, 1), solver: str = "sde", keep_states: bool = True) -> EpochRollout:
     """Sample this rank's rows (`assignment.local_*`, with their `conditioning`) in batches of `batch_size` and score
     every finished batch on `rewards` while the next one is sampled. With `reference`, the rollout keeps the SDE mean
     under it for the trained steps, so that the update runs no reference forward. `baseline`: the benchmark's
@@ -210,7 +211,10 @@ def roll_out(policy: Policy, conditioning: Conditioning, rows: Sequence[PromptRo
 
     score_share: (index, ranks) when `ranks` ranks roll out the same samples (a sequence-parallel group): this rank
     decodes and scores only its samples i with i % ranks == index, so each video is decoded and scored once; its
-    other rewards are NaN here and taken from their owners by `idgrpo.rl.data.all_gather_owned`."""
+    other rewards are NaN here and taken from their owners by `idgrpo.rl.data.all_gather_owned`.
+
+    solver: `sample`'s ("sde" for GRPO; "euler" / "unipc" / "sde" for NFT). keep_states False (NFT): only the clean
+    latent is kept, `states` (n, 1, C, F, H, W) and `log_probs` (n, 0)."""
     baseline = baseline or BaselineFlags()
     device = rewards.device  # the training device
     index, share = score_share
@@ -223,10 +227,14 @@ def roll_out(policy: Policy, conditioning: Conditioning, rows: Sequence[PromptRo
         with timed(timer, "rollout"):
             roll = sample(policy, cond, schedule, seeds[part], latent_shape, plan=plan, steps=steps,
                           reference=None if baseline.kl_reference_at_train_time else reference, device=device,
-                          separate_branches=baseline.separate_cfg_forwards,
+                          separate_branches=baseline.separate_cfg_forwards, solver=solver,
                           initial_seeds=initial_seeds[part] if initial_seeds is not None else None)
-        states.append(roll.states)
-        log_probs.append(roll.log_probs)
+        if keep_states:
+            states.append(roll.states)
+            log_probs.append(roll.log_probs)
+        else:
+            states.append(roll.final[:, None])
+            log_probs.append(roll.final.new_zeros(roll.final.shape[0], 0))
         if roll.ref_means is not None:
             ref_means.append(roll.ref_means)
         first = start + (index - start) % share  # this rank's first sample of the batch to score

@@ -66,6 +66,7 @@ from idgrpo.prompts import PromptRow
 from idgrpo.rl.config import BaselineFlags, GRPOConfig
 from idgrpo.rl.data import all_gather_owned, assign_epoch
 from idgrpo.rl.ema import EMA
+from idgrpo.rl.nft import OldPolicy, cfg_free, level_noise, nft_forward_backward_step, training_levels
 from idgrpo.rl.plots import plot_training
 from idgrpo.rl.rollout import DecodeFn, EpochRollout, RewardError, RewardFn, RewardWorker, roll_out
 from idgrpo.rl.sampler import Conditioning, Policy, StepPlan, StepSchedule, sample
@@ -192,6 +193,10 @@ class GRPOTrainer:
         self.run_dir = Path(config.run_dir)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=2, config=config)
         self.ema_checkpointer = Checkpointer(self.run_dir / "checkpoints_ema", keep=2)
+        # DiffusionNFT (docs/objectives.md#training-with-nft): the old policy samples and anchors the loss.
+        self.nft = config.objective == "nft"
+        self.old = OldPolicy(self.params, config.nft_old_decay) if self.nft else None
+        self.old_checkpointer = Checkpointer(self.run_dir / "checkpoints_old", keep=2) if self.nft else None
         self.optimizer_steps = 0
         self.reward_failures_total = 0
         self.skipped_updates = torch.zeros((), dtype=torch.long, device=self.device)
@@ -206,6 +211,8 @@ class GRPOTrainer:
     def step_plan(self, epoch: int) -> StepPlan:
         """Which steps of epoch `epoch`'s rollouts are stochastic and which are trained."""
         cfg = self.config
+        if self.nft:  # NFT keeps no SDE transition: with nft_solver "sde" every step is stochastic
+            return StepPlan.build(cfg.num_steps)
         if cfg.sde_window_slide_every > 0 and cfg.sde_window_size > 0:
             return StepPlan.sliding(cfg.num_steps, cfg.sde_window_size, epoch, every=cfg.sde_window_slide_every,
                                     stride=cfg.sde_window_stride, timestep_fraction=cfg.timestep_fraction)
@@ -223,9 +230,14 @@ class GRPOTrainer:
         with self._sdpa_attention(baseline.sdpa_attention):
             rollout = self.rollout(epoch, baseline=baseline, timer=timer)
             with timed(timer, "advantage"):
-                advantages = gather_advantages(rollout, std=cfg.adv_std, clip=cfg.adv_clip, sp_size=cfg.sp_size)
+                advantages = gather_advantages(rollout, std=cfg.adv_std, clip=cfg.adv_clip, sp_size=cfg.sp_size,
+                                               keep="finite" if self.nft else "nonzero")
             with timed(timer, "update"):
-                meters = self.update(rollout, advantages, baseline=baseline)
+                if self.nft:
+                    meters = self.update_nft(rollout, advantages)
+                    self.old.update(self.optimizer_steps)  # after the epoch, as the official script
+                else:
+                    meters = self.update(rollout, advantages, baseline=baseline)
         record = self._record(rollout, advantages, meters)
         self.undone.check(self.optimizer_steps)  # NonFiniteError after max_undone_steps undone steps in a row
         failures = int(record["reward_failures"])
@@ -250,10 +262,18 @@ class GRPOTrainer:
         rows = [self.train_rows[i] for i in assignment.local_rows]
         with timed(timer, "rollout"):
             conditioning = self.build_conditioning(rows)
-        return roll_out(self.policy, conditioning, rows, assignment, self.step_plan(epoch), epoch=epoch,
-                        schedule=self.schedule, steps=self.step_schedule, latent_shape=self.latent_shape,
-                        batch_size=cfg.rollout_batch_size, rewards=self.reward_worker, reference=self.reference,
-                        baseline=baseline, timer=timer, score_share=(self.layout.sp_rank, self.layout.sp_size))
+        if not self.nft:
+            return roll_out(self.policy, conditioning, rows, assignment, self.step_plan(epoch), epoch=epoch,
+                            schedule=self.schedule, steps=self.step_schedule, latent_shape=self.latent_shape,
+                            batch_size=cfg.rollout_batch_size, rewards=self.reward_worker, reference=self.reference,
+                            baseline=baseline, timer=timer, score_share=(self.layout.sp_rank, self.layout.sp_size))
+        with self.old.swapped():  # NFT: CFG-free rollouts of the old policy, clean latents only
+            return roll_out(self.policy, cfg_free(conditioning), rows, assignment, self.step_plan(epoch),
+                            epoch=epoch, schedule=self.schedule, steps=self.step_schedule,
+                            latent_shape=self.latent_shape, batch_size=cfg.rollout_batch_size,
+                            rewards=self.reward_worker, baseline=baseline, timer=timer,
+                            score_share=(self.layout.sp_rank, self.layout.sp_size), solver=cfg.nft_solver,
+                            keep_states=False)
 
     def update(self, rollout: EpochRollout, advantages: EpochAdvantages, *,
                baseline: BaselineFlags | None = None) -> Meters:
@@ -309,6 +329,51 @@ class GRPOTrainer:
                                    0 if first_update_done else micro.size)
                 self._optimizer_step(meters)
                 first_update_done = True
+        return meters
+
+    def update_nft(self, rollout: EpochRollout, advantages: EpochAdvantages) -> Meters:
+        """The DiffusionNFT update over the epoch's samples with a finite reward (`idgrpo.rl.nft`): the plan of
+        `plan_update` with the noise levels in place of GRPO's trained steps; per micro-batch and level a fresh
+        forward-noising of the clean latents and `nft_forward_backward_step`. Returns the update's meters."""
+        cfg = self.config
+        meters = Meters(self.device)
+        levels = cfg.nft_levels
+        passes = plan_update(advantages.kept, samples_per_rank=rollout.assignment.count, rank=self.layout.dp_rank,
+                             world_size=self.layout.dp_size, micro_batch=cfg.train_batch_size,
+                             updates_per_epoch=cfg.updates_per_epoch, trained_steps=levels, seed=cfg.seed,
+                             epoch=rollout.epoch, inner_epochs=cfg.inner_epochs)
+        seeds = rollout.assignment.local_seeds
+        shape = tuple(rollout.states.shape[2:])
+        padding = torch.zeros(1, dtype=torch.long)
+        for inner, update_pass in enumerate(passes):
+            chosen = training_levels(seeds, num_steps=cfg.num_steps, levels=levels, inner=inner)  # (n, K) host
+            order_host = update_pass.order
+            order = (order_host.pin_memory() if self.device.type == "cuda" else order_host).to(self.device,
+                                                                                                non_blocking=True)
+            for step in update_pass.steps:
+                for i, micro in enumerate(step):
+                    # A padding pass runs on sample 0 with weight 0, so that the collectives stay matched.
+                    host = order_host[micro.start:micro.start + micro.size] if micro.size else padding
+                    idx = order[micro.start:micro.start + micro.size] if micro.size else padding.to(self.device)
+                    cond = rollout.conditioning.select(idx)
+                    x0 = rollout.states[idx, 0]
+                    batch_seeds = [seeds[s] for s in host.tolist()]  # host tensor: no device sync
+                    for j in range(levels):
+                        k = chosen[host, j].to(self.device, non_blocking=True)
+                        sigma, t = self.step_schedule.sigma[k], self.step_schedule.timesteps[k]
+                        noise = level_noise(batch_seeds, shape, inner=inner, level=j, device=self.device)
+                        last_backward = i == len(step) - 1 and j == levels - 1
+                        hold = self.accumulate_locally and not last_backward
+                        with self.policy.no_sync() if hold else contextlib.nullcontext():
+                            loss, stats = nft_forward_backward_step(
+                                self.policy, self.old, self.reference, cond, x0, noise, sigma, t,
+                                advantages.advantages[idx], weight=micro.weight * self.layout.loss_scale,
+                                config=cfg)
+                        meters.add("loss", loss, micro.size)  # every rank: the same names in the same order
+                        meters.add("old_deviation", stats["old_deviation"], micro.size)
+                        if "velocity_kl" in stats:
+                            meters.add("velocity_kl", stats["velocity_kl"], micro.size)
+                self._optimizer_step(meters)
         return meters
 
     def _optimizer_step(self, meters: Meters) -> None:
@@ -384,6 +449,7 @@ class GRPOTrainer:
                 ids = mine[start:start + cfg.rollout_batch_size]
                 batch_rows = [rows[min(i, len(rows) - 1)] for i in ids]
                 cond = self.build_eval_conditioning(batch_rows)
+                cond = cfg_free(cond) if self.nft else cond  # NFT's policy is trained and evaluated CFG-free
                 seeds = [10_000_019 + i for i in ids]  # fixed noise: the same per row at every evaluation
                 roll = sample(self.policy, cond, self.eval_schedule, seeds, self.eval_latent_shape,
                               solver=cfg.eval_solver, device=self.device)
@@ -497,7 +563,8 @@ class GRPOTrainer:
         return {"params": [p.detach() for p in self.params], "optimizer": self.optimizer.state_dict(),
                 "ema": None if self.ema is None else self.ema.state_dict(), "epoch": self.epoch,
                 "optimizer_steps": self.optimizer_steps, "skipped_updates": self.skipped_updates,
-                "reward_failures_total": self.reward_failures_total, "history": self.history}
+                "reward_failures_total": self.reward_failures_total, "history": self.history,
+                "old": None if self.old is None else self.old.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Copy a `state_dict()` into this trainer (the values are copied: `state` stays usable)."""
@@ -512,6 +579,8 @@ class GRPOTrainer:
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.old is not None:
+            self.old.load_state_dict(state["old"])
         self.epoch, self.optimizer_steps = state["epoch"], state["optimizer_steps"]
         self.skipped_updates = state["skipped_updates"].clone()
         self.reward_failures_total = state["reward_failures_total"]
@@ -534,6 +603,9 @@ class GRPOTrainer:
                     save_safetensors_atomic({k: v.contiguous() for k, v in state.items()},
                                             self.run_dir / "ema.safetensors")
                 self._export_lora("lora_ema", state)
+        if self.old is not None:  # NFT's old policy, the same way
+            with self.old.swapped():
+                self.old_checkpointer.save(self.epoch, self.policy, None, {"epoch": self.epoch})
         self._export_lora("lora")
         self.checkpointer.save(self.epoch, self.policy, self.optimizer, extra)
 
@@ -567,6 +639,15 @@ class GRPOTrainer:
                 self.ema.load_state_dict({"shadow": shadow})
             else:
                 self.ema.reset()
+        if self.old is not None:
+            old_path = self.old_checkpointer.directory / path.name
+            if (old_path / "index.json").is_file():
+                with self.old.swapped():  # the old weights pass through the parameters, as the EMA's
+                    self.old_checkpointer.load(old_path, self.policy)
+                    weights = [p.detach().float().clone() for p in self.params]
+                self.old.load_state_dict({"weights": weights})
+            else:  # a GRPO checkpoint continued with NFT: the old policy starts at the trained weights
+                self.old = OldPolicy(self.params, self.config.nft_old_decay)
         self.epoch, self.optimizer_steps = extra["epoch"], extra["optimizer_steps"]
         self.history = extra.get("history", [])
         self.reward_failures_total = extra.get("reward_failures_total", 0)
@@ -626,6 +707,6 @@ def _adapters_disabled_policy(policy: nn.Module) -> Policy:
 
 def _format(record: dict) -> str:
     keys = ("reward_mean", "reward_std", "zero_std_fraction", "dropped", "clipfrac", "approx_kl", "kl",
-            "max_abs_ratio_minus_1_first_inner", "grad_norm", "eval_reward")
+            "max_abs_ratio_minus_1_first_inner", "old_deviation", "velocity_kl", "grad_norm", "eval_reward")
     parts = [f"epoch {int(record['epoch'])}"] + [f"{k} {record[k]:.4g}" for k in keys if k in record]
     return "[train-grpo] " + "  ".join(parts)

@@ -49,18 +49,22 @@ class EpochAdvantages:
     advantages: torch.Tensor
     """(n,) fp32, this rank's samples' normalised, clipped advantages (0: not trained on)."""
     kept: torch.Tensor
-    """(N,) bool on the host: the samples the update trains on (advantage != 0); the same on every rank."""
+    """(N,) bool on the host: the samples the update trains on (GRPO: advantage != 0; NFT: a finite reward); the
+    same on every rank."""
     groups: GroupAdvantage
     """The kernel's per-group statistics (zero_std_fraction, nonfinite_count, ...)."""
     reward_failures: torch.Tensor
     """() fp32: reward calls that raised during the rollout, over all ranks."""
 
 
-def gather_advantages(rollout: EpochRollout, *, std: str, clip: float, sp_size: int = 1) -> EpochAdvantages:
+def gather_advantages(rollout: EpochRollout, *, std: str, clip: float, sp_size: int = 1,
+                      keep: str = "nonzero") -> EpochAdvantages:
     """All-gather the rewards (a collective) and normalise them per group (`std` "group") or over the batch
     ("global"), clipped to ±clip. A NaN/Inf reward, a zero-variance group: advantage 0, so the sample is not trained.
     sp_size: the sequence-parallel group size; each reward then comes from the rank of its group that scored it
     (`all_gather_owned`), and the advantages are computed once per sample, identically on every rank.
+    keep: which samples the update trains on: "nonzero" advantages (GRPO: a zero advantage contributes no gradient)
+    or every "finite" reward (NFT: a zero advantage is r = 1/2, which still trains, as in the official script).
 
     This makes the epoch's one host read between rollout and update: which samples are kept, which decides the
     micro-batches."""
@@ -72,7 +76,8 @@ def gather_advantages(rollout: EpochRollout, *, std: str, clip: float, sp_size: 
     group_ids = torch.tensor(assignment.row_ids, dtype=torch.int64, device=device)
     groups = group_advantage(rewards, group_ids, std=std, clip=clip, num_groups=len(set(assignment.row_ids)))
     local = groups.advantages[assignment.offset: assignment.offset + assignment.count]  # (n,)
-    return EpochAdvantages(rewards=rewards, advantages=local, kept=(groups.advantages != 0).cpu(), groups=groups,
+    kept = groups.advantages != 0 if keep == "nonzero" else torch.isfinite(rewards)
+    return EpochAdvantages(rewards=rewards, advantages=local, kept=kept.cpu(), groups=groups,
                            reward_failures=failures)
 
 
