@@ -424,7 +424,8 @@ def make_plan(preset: str, recipe: RecipeConfig, layout: Layout, *, references: 
     model = meta_policy(recipe, config)
     state = state_bytes(recipe, layout.world, model=model)
     b = 2 if grpo.compute_dtype == "bfloat16" else 4
-    n_branch = branches(recipe, config)
+    nft = grpo.objective == "nft"
+    n_branch = 1 if nft else branches(recipe, config)  # NFT rolls out and trains CFG-free
     common = dict(compute_bytes=b, lora_rank=recipe.lora_rank, full_finetune=recipe.lora_rank == 0,
                   sp_size=layout.sp_size, latent_shape=shape, vace=bool(config.vace_layers))
     train_batch = grpo.train_batch_size * n_branch
@@ -435,13 +436,18 @@ def make_plan(preset: str, recipe: RecipeConfig, layout: Layout, *, references: 
                                        **{**common, "vace": False})["blocks"] for n in (1, 2))
     per_block = two - one  # a block past the first, whose input has a graph
     latent_bytes = math.prod(shape) * 4
-    loss = 6 * latent_bytes * grpo.train_batch_size  # x, x_next, the guided velocity, the SDE means, their grads
+    # GRPO: x, x_next, the guided velocity, the SDE means, their grads; NFT: x0, noise, x_t, v_old, v_ref, v_new, grad
+    loss = (7 if nft else 6) * latent_bytes * grpo.train_batch_size
     activations = {"saved": saved + loss, "saved_checkpointed": kept + loss,
                    "recompute": per_block + 2 * 4 * config.dim * toks.local * train_batch}
     n_local = samples // layout.dp
     trained = int(grpo.num_steps * grpo.timestep_fraction) if grpo.sde_window_size <= 0 else min(
         grpo.sde_window_size, int(grpo.num_steps * grpo.timestep_fraction))
-    per_sample = (trained + 1 + (trained if grpo.kl_beta > 0 else 0)) * latent_bytes + trained * 4
+    if nft:  # the clean latent alone; trained at `nft_levels` noise levels
+        trained = grpo.nft_levels
+        per_sample = latent_bytes
+    else:
+        per_sample = (trained + 1 + (trained if grpo.kl_beta > 0 else 0)) * latent_bytes + trained * 4
     per_sample += n_branch * config.text_len * config.text_dim * b  # the prompt embeddings of every branch
     if config.vace_layers:
         per_sample += config.vace_in_dim * math.prod(shape[1:]) * 4  # the VACE context (fp32)
@@ -467,12 +473,15 @@ def make_plan(preset: str, recipe: RecipeConfig, layout: Layout, *, references: 
         video_frames = (recipe.num_frames - 1) // 4 + 1
         plan.flops = {
             "rollout: policy": grpo.num_steps * n_branch * forward * samples,
-            "rollout: KL reference": (trained * n_branch * forward * samples) if grpo.kl_beta > 0 else 0,
+            "rollout: KL reference": (trained * n_branch * forward * samples) if grpo.kl_beta > 0 and not nft else 0,
             "VAE decode": vae_decode_flops(video_frames, shape[2], shape[3]) * samples if vae_params else 0,
             "reward (2 x parameters x tokens, estimate)": 2 * params * reward_tokens * samples,
             "update: forward + backward": (grpo.inner_epochs * samples * trained * n_branch * forward
                                            * (4 if grpo.activation_checkpointing else 3)),
         }
+        if nft:  # per level: the old policy's and (with a KL term) the reference's forwards, no gradient
+            plan.flops["update: old policy + reference forwards"] = (
+                grpo.inner_epochs * samples * trained * forward * (2 if grpo.kl_beta > 0 else 1))
     return plan
 
 

@@ -261,3 +261,18 @@ def test_nft_settings_are_validated():
     for field, value in (("objective", "dpo"), ("nft_solver", "dpm2"), ("nft_old_decay", 3), ("nft_beta", 0.0)):
         with pytest.raises(ValueError, match="--" + field.replace("_", "-")):
             GRPOConfig(**{field: value})
+
+
+@pytest.mark.parametrize("preset", ["vace-1.3b-nft", "phantom-1.3b-nft", "t2v-1.3b-nft"])
+def test_nft_presets_follow_the_official_settings_and_plan(preset):
+    from idgrpo.plan import Layout, make_plan
+    from idgrpo.rl.config import RecipeConfig
+
+    recipe = RecipeConfig.from_name(preset)
+    g = recipe.grpo
+    assert (g.objective, g.nft_beta, g.nft_old_decay, g.num_steps, g.nft_levels) == ("nft", 1.0, 1, 10, 9)
+    assert (g.kl_beta, g.lr, recipe.lora_rank, recipe.lora_alpha, recipe.guidance) == (1e-4, 3e-4, 32, 64.0, 1.0)
+    assert not g.shared_initial_noise
+    plan = make_plan(preset, recipe, Layout(nproc_per_node=8, nnodes=1, sp_size=1))
+    assert plan.flops["rollout: KL reference"] == 0 and plan.flops["update: old policy + reference forwards"] > 0
+    assert plan.fits(80)

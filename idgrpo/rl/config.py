@@ -470,6 +470,14 @@ _FLOW_GRPO_WAN = GRPOConfig(
     kl_beta=0.004, ema_decay=0.9, ema_every=8, ema_schedule="identity_grpo", ema_repeats=1, timestep_fraction=0.99,
     eval_steps=50, eval_solver="euler", eval_every=30, save_every=60, activation_checkpointing=True, seed=42,
 )
+# DiffusionNFT on the 1.3B recipes (docs/objectives.md#training-with-nft): the official script's settings
+# (NVlabs/DiffusionNFT config/nft.py and base.py: CFG-free, 10 sampling steps, 9 of them trained, β 1, decay type 1,
+# KL weight 1e-4, lr 3e-4, LoRA r 32 / alpha 64, an EMA after every step) with Wan's UniPC ODE solver in place of its
+# DPM-Solver-2 and each recipe's groups and prompts per epoch; no shared initial latent (deterministic rollouts).
+_NFT = dict(objective="nft", nft_beta=1.0, nft_old_decay=1, nft_solver="unipc", num_steps=10, timestep_fraction=0.99,
+            lr=3e-4, kl_beta=1e-4, ema_decay=0.9, ema_every=1, ema_schedule="interval", ema_repeats=1,
+            shared_initial_noise=False)
+
 # What makes a 14B policy fit (docs/scale-out.md#presets): one video per forward, activation checkpointing.
 _14B = dict(rollout_batch_size=1, train_batch_size=1, activation_checkpointing=True)
 
@@ -498,6 +506,21 @@ PRESETS: dict[str, RecipeConfig] = {
     "t2v-1.3b": RecipeConfig(
         model="t2v-1.3b", height=240, width=416, num_frames=33, guidance=4.5, lora_rank=32, lora_alpha=64.0,
         reward="", grpo=dataclasses.replace(_FLOW_GRPO_WAN, run_dir="runs/grpo-t2v-1.3b"),
+    ),
+    # DiffusionNFT versions of the 1.3B recipes: CFG-free (guidance 1), the NFT settings above.
+    "vace-1.3b-nft": RecipeConfig(
+        model="vace-1.3b", height=240, width=416, num_frames=33, guidance=1.0, lora_rank=32, lora_alpha=64.0,
+        eval_height=480, eval_width=832, eval_num_frames=81, reward="",
+        grpo=dataclasses.replace(_IDENTITY_GRPO, **_NFT, run_dir="runs/nft-vace-1.3b"),
+    ),
+    "phantom-1.3b-nft": RecipeConfig(
+        model="phantom-1.3b", height=240, width=416, num_frames=33, guidance=1.0, guidance_image=1.0, lora_rank=32,
+        lora_alpha=64.0, eval_height=480, eval_width=832, eval_num_frames=81, reward="",
+        grpo=dataclasses.replace(_IDENTITY_GRPO, **_NFT, shift=5.0, grid="wan", run_dir="runs/nft-phantom-1.3b"),
+    ),
+    "t2v-1.3b-nft": RecipeConfig(
+        model="t2v-1.3b", height=240, width=416, num_frames=33, guidance=1.0, lora_rank=32, lora_alpha=64.0,
+        reward="", grpo=dataclasses.replace(_FLOW_GRPO_WAN, **_NFT, run_dir="runs/nft-t2v-1.3b"),
     ),
     # The 14B presets (docs/scale-out.md#presets): 480x832x81, one video per forward, activation checkpointing, FSDP's
     # sharded frozen base, bf16 compute; launch them with --sp-size (`idgrpo plan` gives the command).
