@@ -7,6 +7,7 @@ Usage:
     python -m bench --list
     python -m bench aot                 # a check, run only when named: every kernel compiled for sm_80/sm_90
     python -m bench kernel_check        # a check: every kernel against its reference in bf16/fp16/fp32
+    python -m bench objectives          # a study (45 min on 2 CPU cores): GRPO arms vs DiffusionNFT on the demo
 
 Each benchmark is a module `bench/<name>.py` with `main(quick: bool) -> list[dict]` that
 prints its own table and writes its JSON under bench/results/; this runner prints one
@@ -25,8 +26,9 @@ import traceback
 
 # Benchmarks in the order they run; a module that does not exist yet is skipped with a note.
 BENCHMARKS = ["attention", "grpo_ops", "glue", "engine", "sp_comm", "dit", "reward", "e2e"]
-# Checks pass or fail rather than measure; they run only when named (bench/README.md).
-CHECKS = ["aot", "kernel_check"]
+# Checks pass or fail rather than measure, and studies take tens of minutes: they run only when named
+# (bench/README.md).
+CHECKS = ["aot", "kernel_check", "objectives"]
 
 
 def main(argv: list[str] | None = None) -> int:
