@@ -2,15 +2,15 @@
 model per seed (stages 1-3 cached), and stage 4 run with each arm (docs/objective-study.md).
 
 Usage:
-    python -m bench objectives                       # 5 arms x seeds 0 1 2, full demo sizes (about 45 min, 2 cores)
+    python -m bench objectives                       # 5 arms x seeds 0 1 2, full demo sizes (about 70 min, 2 cores)
     python -m bench.objectives --seeds 0 --arms full nft
     python -m bench.objectives --quick               # the demo's --quick sizes, seed 0: checks that it runs
 
 Arms (flags of `idgrpo demo`):
-- default: the demo's default, GRPO on a fixed SDE window of the first 3 of 6 steps;
+- window3: GRPO on a fixed SDE window of the first 3 of 6 steps (the demo's default until this study);
 - full:    GRPO on the full SDE trajectory (every step stochastic and trained), as the Identity-GRPO paper;
 - window2: GRPO on a fixed window of 2 steps (Flow-GRPO-Fast);
-- sliding: GRPO on a window of 2 steps that slides by one step every 2 epochs (MixGRPO);
+- sliding: GRPO on a window of 2 steps that slides by one step every 2 epochs (MixGRPO; the demo's default since);
 - nft:     DiffusionNFT (Euler ODE rollouts of the old policy, 3 of 6 noise levels per sample, the official KL weight).
 
 Every arm is a separate `idgrpo demo` process (the first of a seed also builds the cache: its total time is the
@@ -34,17 +34,19 @@ PLOT = ROOT / "docs" / "demo" / "objectives.png"
 
 
 def arms(num_steps: int) -> dict[str, list[str]]:
+    """Each arm's `idgrpo demo` flags, every window setting explicit (the demo's default may change)."""
+    fixed = ["--sde-window-slide-every", "0"]
     return {
-        "default": [],
-        "full": ["--sde-window-size", str(num_steps)],
-        "window2": ["--sde-window-size", "2"],
+        "window3": ["--sde-window-size", "3", *fixed],
+        "full": ["--sde-window-size", str(num_steps), *fixed],
+        "window2": ["--sde-window-size", "2", *fixed],
         "sliding": ["--sde-window-size", "2", "--sde-window-slide-every", "2"],
         "nft": ["--objective", "nft", "--timestep-fraction", "0.5", "--kl-beta", "1e-4"],
     }
 
 
-LABELS = {"default": "GRPO, window 3 (demo default)", "full": "GRPO, full trajectory (paper)",
-          "window2": "GRPO, window 2 (Flow-GRPO-Fast)", "sliding": "GRPO, sliding window 2 (MixGRPO)",
+LABELS = {"window3": "GRPO, window 3 (the former demo default)", "full": "GRPO, full trajectory (paper)",
+          "window2": "GRPO, window 2 (Flow-GRPO-Fast)", "sliding": "GRPO, sliding window 2 (MixGRPO; demo default)",
           "nft": "DiffusionNFT (ODE rollouts)"}
 
 
@@ -145,15 +147,13 @@ def plot(results: list[dict], path: Path) -> None:
     FigureCanvasAgg(figure)
     figure.suptitle("Held-out oracle identity consistency during stage 4 (demo world; mean of seeds thick)")
     time_axes, forward_axes = figure.subplots(1, 2)
-    colours = {}
-    for arm in dict.fromkeys(r["arm"] for r in results):
+    colours = {arm: f"C{i}" for i, arm in enumerate(dict.fromkeys(r["arm"] for r in results))}
+    for arm in colours:
         rows = [r for r in results if r["arm"] == arm]
         for r in rows:
             gains = [p["oracle"] / r["oracle_before"] - 1 for p in r["curve"]]
             for axes, key in ((time_axes, "train_wall_s"), (forward_axes, "policy_forwards")):
-                (line,) = axes.plot([p[key] for p in r["curve"]], gains, linewidth=0.7, alpha=0.35,
-                                    color=colours.get(arm))
-                colours.setdefault(arm, line.get_color())
+                axes.plot([p[key] for p in r["curve"]], gains, linewidth=0.7, alpha=0.35, color=colours[arm])
         n = min(len(r["curve"]) for r in rows)
         for axes, key in ((time_axes, "train_wall_s"), (forward_axes, "policy_forwards")):
             xs = [sum(r["curve"][i][key] for r in rows) / len(rows) for i in range(n)]
@@ -179,6 +179,7 @@ def main(quick: bool = False, seeds: list[int] | None = None, names: list[str] |
     unknown = [n for n in names if n not in all_arms]
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; arms: {list(all_arms)}")
+    standard = work is None and not quick  # the study of docs/objective-study.md: its plot goes to docs/demo/
     work = work or (OUT / ("quick" if quick else "runs"))
     results = []
     for seed in seeds:
@@ -197,7 +198,7 @@ def main(quick: bool = False, seeds: list[int] | None = None, names: list[str] |
     (out / ("results.json" if not quick else "quick.json")).write_text(
         json.dumps({"results": results, "analysis": analysis}, indent=1, allow_nan=False))
     (out / ("table.md" if not quick else "quick.md")).write_text(text + "\n")
-    plot(results, PLOT if not quick else out / "objectives.png")
+    plot(results, PLOT if standard else out / "objectives.png")
     return [{"arm": a, **{k: v for k, v in s.items() if not isinstance(v, list)}} for a, s in analysis.items()]
 
 
@@ -206,5 +207,7 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, nargs="*")
     parser.add_argument("--arms", nargs="*")
+    parser.add_argument("--work", type=Path, help="folder for the runs (default: bench/results/objectives/runs); "
+                                                    "results, table and plot go to its parent")
     args = parser.parse_args()
-    main(args.quick, args.seeds, args.arms)
+    main(args.quick, args.seeds, args.arms, args.work)

@@ -173,3 +173,56 @@ def test_demo_two_ranks_match_one(tmp_path):
         assert one[when]["oracle"] == pytest.approx(two[when]["oracle"], abs=1e-4)
         assert one[when]["reward"] == pytest.approx(two[when]["reward"], abs=1e-4)
     assert one["grpo"]["train_reward"] == pytest.approx(two["grpo"]["train_reward"], abs=1e-4)
+
+
+def test_the_stage_cache_and_the_curve_leave_the_trained_policy_unchanged(tmp_path):
+    """Stages 2-3 read back from the cache give stage 4 the same policy and reward model, and stage 4 draws from its
+    own seed, so a cached run equals the run that built the cache; the oracle curve's evaluations change nothing
+    either. An NFT arm runs on the same cache and records its own diagnostics."""
+    created = not dist.is_initialized()
+    try:
+        cache = tmp_path / "cache"
+        settings = dict(quick=True, threads=1, stage_cache=cache)
+        assert demo(DemoConfig(run_dir=tmp_path / "built", curve_every=1, **settings)) == 0
+        assert len(list(cache.iterdir())) == 1
+        assert demo(DemoConfig(run_dir=tmp_path / "cached", curve_every=0, **settings)) == 0
+        assert demo(DemoConfig(run_dir=tmp_path / "nft", objective="nft", **settings)) == 0
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+    built, cached, nft = (json.loads((tmp_path / name / "summary.json").read_text())
+                          for name in ("built", "cached", "nft"))
+    assert "cache_load_s" in cached["timings_s"] and "pretrain_s" in built["timings_s"]
+    assert cached["before"] == built["before"] and cached["after"] == built["after"]
+    assert cached["grpo"]["train_reward"] == built["grpo"]["train_reward"]
+    curve = [h for h in built["grpo"]["history"] if "eval_oracle" in h]
+    assert len(curve) == DemoConfig(quick=True).grpo_epochs
+    assert curve[-1]["eval_oracle"] == built["after"]["oracle_mean"]
+    assert all(h["policy_forwards"] > 0 and h["train_wall_s"] > 0 for h in built["grpo"]["history"])
+    assert nft["before"] == built["before"]  # the same pretrained policy and reward model
+    assert all("old_deviation" in h and "clipfrac" not in h for h in nft["grpo"]["history"])
+    assert nft["grpo"]["history"][-1]["zero_std_fraction"] < 1  # its groups vary: no shared initial latent
+
+
+def test_the_objective_study_reports_time_to_the_paper_arms_gain_and_reward_hacking():
+    from bench.objectives import analyse, table
+
+    def run(arm, seed, curve, after, reward_change):
+        points = [{"train_wall_s": float(t), "policy_forwards": 10 * t, "oracle": o, "reward": 0.0} for t, o in curve]
+        return {"arm": arm, "seed": seed, "oracle_before": 0.5, "oracle_after": after,
+                "oracle_gain": after / 0.5 - 1, "reward_change": reward_change, "train_wall_s": curve[-1][0],
+                "policy_forwards": 10 * curve[-1][0], "curve": [{"train_wall_s": 0.0, "policy_forwards": 0,
+                                                                 "oracle": 0.5, "reward": 0.0}, *points]}
+
+    results = [run("full", 0, [(50, 0.55), (100, 0.6)], 0.6, 1.0),
+               run("nft", 0, [(20, 0.61), (40, 0.62)], 0.62, 1.0),      # reaches 0.6 at 20 s: 0.2 of 100 s
+               run("window2", 0, [(30, 0.58), (60, 0.59)], 0.59, 1.0),  # never reaches it
+               run("sliding", 0, [(30, 0.45), (60, 0.4)], 0.4, 2.0)]    # reward up, oracle down
+    analysis = analyse(results)
+    assert analysis["full"]["fraction_of_paper_time_to_paper_gain"] == [1.0]
+    assert analysis["nft"]["fraction_of_paper_time_to_paper_gain"] == [0.2]
+    assert analysis["nft"]["reaches_paper_gain_in_half_the_time_on_every_seed"]
+    assert analysis["window2"]["fraction_of_paper_time_to_paper_gain"] == [None]
+    assert analysis["sliding"]["reward_hacking_seeds"] == [0] and analysis["nft"]["reward_hacking_seeds"] == []
+    text = table(analysis, results)
+    assert "never" in text and "seed 0" in text and "+24.0%" in text

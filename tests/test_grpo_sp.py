@@ -127,6 +127,18 @@ def test_a_run_saved_at_sp2_resumes_at_one_process(one_process, spread, tmp_path
     assert_same_run(resumed, one_process, spread, "saved at sp 2, resumed at 1 process")
 
 
+def test_nft_at_sp2_on_two_processes_equals_one_process(tmp_path):
+    """DiffusionNFT under sequence parallelism: the noise levels and noises follow the samples' seeds, which a
+    sequence-parallel group shares, so sp 2 on 2 processes trains what 1 process trains."""
+    nft = ("--objective", "nft", "--timestep-fraction", "0.5", "--kl-beta", "1e-4")
+    one = run_distributed(_train, 1, str(tmp_path / "one"), 1, 2, *nft, timeout_s=300)[0]
+    rebatched = run_distributed(_train, 1, str(tmp_path / "rebatched"), 1, 2, *nft, "--train-batch-size", "1",
+                                timeout_s=300)[0]
+    got = run_distributed(_train, 2, str(tmp_path / "sp2"), 2, 2, *nft, timeout_s=300)[0]
+    assert [m["trained_samples"] for m in one["metrics"]] == [8, 8] and "old_deviation" in one["metrics"][-1]
+    assert_same_run(got, one, relative_errors(rebatched, one), "NFT at sp 2 on 2 processes")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["tiny", "--sp-size", "2"], "the toy policy has none"),
     (["tiny", "--model", "tiny", "--sp-size", "3"], "--sp-size 3 must divide the world size 1"),

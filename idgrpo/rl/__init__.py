@@ -17,7 +17,8 @@ Files, one responsibility each:
 - `update`: group advantages, the micro-batch planner (`plan_update`), the forward/backward and optimizer steps;
 - `ema`: the EMA of the trainable weights; `timing`: `PhaseTimer` (benchmarks); `plots`: the training curves;
 - `trainer`: `GRPOTrainer`, the loop over those phases, checkpoints and exports;
-- `objectives`: training losses as pure functions (DiffusionNFT);
+- `objectives`: training losses as pure functions (DiffusionNFT); `nft`: DiffusionNFT's update phase (the old
+  policy, training levels, one micro-batch's step) for `GRPOConfig(objective="nft")`;
 - `recipe`: `idgrpo train-grpo` (builds the policy, decoder, conditioning and reward of a `RecipeConfig`);
 - `toy`: a tiny analytic flow policy, decoder and brightness reward (CPU demo, tests).
 """
