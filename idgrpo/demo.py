@@ -1,7 +1,7 @@
 """`idgrpo demo`: the whole Identity-GRPO pipeline on a tiny synthetic multi-person world, on a CPU.
 
 Usage:
-    idgrpo demo                                    # one CPU process, ~7 minutes on 2 cores
+    idgrpo demo                                    # one CPU process, 7-12 minutes on 2 cores
     idgrpo demo --quick                            # a minute or two: the CI smoke run
     torchrun --nproc_per_node=2 -m idgrpo demo     # two gloo processes: the result of `--threads 1` for the seed
     idgrpo demo --help                             # every knob
