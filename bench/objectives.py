@@ -7,10 +7,10 @@ Usage:
     python -m bench.objectives --quick               # the demo's --quick sizes, seed 0: checks that it runs
 
 Arms (flags of `idgrpo demo`):
-- window3: GRPO on a fixed SDE window of the first 3 of 6 steps (the demo's default until this study);
+- window3: GRPO on a fixed SDE window of the first 3 of 6 steps (the demo's default);
 - full:    GRPO on the full SDE trajectory (every step stochastic and trained), as the Identity-GRPO paper;
 - window2: GRPO on a fixed window of 2 steps (Flow-GRPO-Fast);
-- sliding: GRPO on a window of 2 steps that slides by one step every 2 epochs (MixGRPO; the demo's default since);
+- sliding: GRPO on a window of 2 steps that slides by one step every 2 epochs (MixGRPO);
 - nft:     DiffusionNFT (Euler ODE rollouts of the old policy, 3 of 6 noise levels per sample, the official KL weight).
 
 Every arm is a separate `idgrpo demo` process (the first of a seed also builds the cache: its total time is the
@@ -34,7 +34,7 @@ PLOT = ROOT / "docs" / "demo" / "objectives.png"
 
 
 def arms(num_steps: int) -> dict[str, list[str]]:
-    """Each arm's `idgrpo demo` flags, every window setting explicit (the demo's default may change)."""
+    """Each arm's `idgrpo demo` flags, every window setting explicit (independent of the demo's defaults)."""
     fixed = ["--sde-window-slide-every", "0"]
     return {
         "window3": ["--sde-window-size", "3", *fixed],
@@ -45,8 +45,8 @@ def arms(num_steps: int) -> dict[str, list[str]]:
     }
 
 
-LABELS = {"window3": "GRPO, window 3 (the former demo default)", "full": "GRPO, full trajectory (paper)",
-          "window2": "GRPO, window 2 (Flow-GRPO-Fast)", "sliding": "GRPO, sliding window 2 (MixGRPO; demo default)",
+LABELS = {"window3": "GRPO, window 3 (the demo default)", "full": "GRPO, full trajectory (paper)",
+          "window2": "GRPO, window 2 (Flow-GRPO-Fast)", "sliding": "GRPO, sliding window 2 (MixGRPO)",
           "nft": "DiffusionNFT (ODE rollouts)"}
 
 

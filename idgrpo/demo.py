@@ -1,7 +1,7 @@
 """`idgrpo demo`: the whole Identity-GRPO pipeline on a tiny synthetic multi-person world, on a CPU.
 
 Usage:
-    idgrpo demo                                    # one CPU process, 7-12 minutes on 2 cores
+    idgrpo demo                                    # one CPU process, 7-10 minutes on 2 cores
     idgrpo demo --quick                            # a minute or two: the CI smoke run
     torchrun --nproc_per_node=2 -m idgrpo demo     # two gloo processes: the result of `--threads 1` for the seed
     idgrpo demo --help                             # every knob
@@ -17,9 +17,10 @@ to --run-dir:
    policy's own samples (Note [annotated pairs]); held-out pairwise accuracy on non-tie pairs of both kinds (source
    scenes never seen in training).
 4. GRPO (`idgrpo.rl.GRPOTrainer.train`: SDE rollouts, group advantages, clipped loss, KL to the LoRA-free policy)
-   on LoRA adapters, with the trained reward model as the reward; by default on a 2-step SDE window that slides one
-   step every 2 epochs (MixGRPO), which reached the full-trajectory arm's gain fastest (docs/objective-study.md);
-   `--objective nft` trains with DiffusionNFT instead. Every `curve_every` epochs the held-out scenes are scored.
+   on LoRA adapters, with the trained reward model as the reward; by default on a fixed SDE window of the first 3 of
+   6 steps, which reached the full-trajectory arm's gain in about a fifth of its time (docs/objective-study.md);
+   `--sde-window-*` choose other windows, `--objective nft` trains with DiffusionNFT. Every `curve_every` epochs
+   the held-out scenes are scored.
 5. before/after on held-out scenes: learned reward and oracle identity consistency (`idgrpo.synth.oracle`, pixels
    vs. references inside the known boxes); reward_curve.png (training reward, held-out reward and oracle, KL and
    clipped fraction per epoch),
@@ -205,13 +206,13 @@ class DemoConfig:
     """Videos per prompt row (one advantage group)."""
     num_steps: int = 6
     """Sampling steps of rollouts and evaluation."""
-    sde_window_size: int = 2
-    """GRPO: stochastic (and trained) steps of a rollout; the rest are Euler steps. --num-steps trains the full
-    trajectory, as the Identity-GRPO paper. The default, 2 steps sliding every 2 epochs (MixGRPO), reached the
-    full-trajectory arm's oracle gain in a fifth of its time or less on three seeds (docs/objective-study.md)."""
-    sde_window_slide_every: int = 2
+    sde_window_size: int = 3
+    """GRPO: stochastic (and trained) steps of a rollout, from the first step; the rest are Euler steps
+    (Flow-GRPO-Fast style). --num-steps trains the full trajectory, as the Identity-GRPO paper; 2 with
+    --sde-window-slide-every 2 is MixGRPO's sliding window (docs/objective-study.md compares them)."""
+    sde_window_slide_every: int = 0
     """GRPO: advance the window by one step every this many epochs, wrapping around (MixGRPO's sliding window; 0: a
-    fixed window at the start, Flow-GRPO-Fast)."""
+    fixed window at the start)."""
     timestep_fraction: float = 1.0
     """GRPO: train the SDE steps among the first ⌊num_steps·fraction⌋ steps. NFT: each sample is trained at
     ⌊num_steps·fraction⌋ (at least 1) noise levels of the sampling grid."""
