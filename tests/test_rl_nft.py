@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from test_nft_loss import official_nft_loss  # the official expression, transcribed once
 
 from idgrpo.models.lora import apply_lora, disable_lora, mark_only_lora_trainable
 from idgrpo.rl import GRPOConfig, GRPOTrainer, PromptRow
@@ -61,31 +62,6 @@ def _lora_policy(seed=1):
     return policy
 
 
-def _official_loss(forward_prediction, old_prediction, ref_forward_prediction, xt, x0, t, advantages, beta,
-                   adv_clip_max, kl_weight):
-    # The loss lines of scripts/train_nft_sd3.py, transcribed (adv_mode "all"), in float64.
-    t_expanded = t.view(-1, *([1] * (len(x0.shape) - 1)))
-    advantages_clip = torch.clamp(advantages, -adv_clip_max, adv_clip_max)
-    normalized_advantages_clip = (advantages_clip / adv_clip_max) / 2.0 + 0.5
-    r = torch.clamp(normalized_advantages_clip, 0, 1)
-    positive_prediction = beta * forward_prediction + (1 - beta) * old_prediction.detach()
-    implicit_negative_prediction = (1.0 + beta) * old_prediction.detach() - beta * forward_prediction
-    x0_prediction = xt - t_expanded * positive_prediction
-    with torch.no_grad():
-        weight_factor = (torch.abs(x0_prediction.double() - x0.double()).mean(dim=tuple(range(1, x0.ndim)),
-                                                                                keepdim=True).clip(min=0.00001))
-    positive_loss = ((x0_prediction - x0) ** 2 / weight_factor).mean(dim=tuple(range(1, x0.ndim)))
-    negative_x0_prediction = xt - t_expanded * implicit_negative_prediction
-    with torch.no_grad():
-        negative_weight_factor = (torch.abs(negative_x0_prediction.double() - x0.double())
-                                  .mean(dim=tuple(range(1, x0.ndim)), keepdim=True).clip(min=0.00001))
-    negative_loss = ((negative_x0_prediction - x0) ** 2 / negative_weight_factor).mean(dim=tuple(range(1, x0.ndim)))
-    ori_policy_loss = r * positive_loss / beta + (1.0 - r) * negative_loss / beta
-    policy_loss = (ori_policy_loss * adv_clip_max).mean()
-    kl_div_loss = ((forward_prediction - ref_forward_prediction) ** 2).mean(dim=tuple(range(1, x0.ndim)))
-    return policy_loss + kl_weight * torch.mean(kl_div_loss)
-
-
 @pytest.mark.parametrize("drop_front", [0, 1])
 def test_one_micro_batch_step_is_the_official_loss_on_old_new_and_reference_predictions(drop_front):
     torch.manual_seed(3)
@@ -128,8 +104,8 @@ def test_one_micro_batch_step_is_the_official_loss_on_old_new_and_reference_pred
         v_ref = guided_velocity(reference, x_t, timestep, cond)
     v_new = guided_velocity(policy, x_t, timestep, cond)
     frames = slice(drop_front, None)
-    want = _official_loss(v_new[:, :, frames], v_old[:, :, frames], v_ref[:, :, frames], x_t[:, :, frames],
-                          x0[:, :, frames], sigma, advantages, 0.3, 5.0, 0.05)
+    want = official_nft_loss(v_new[:, :, frames], v_old[:, :, frames], v_ref[:, :, frames], x_t[:, :, frames],
+                             x0[:, :, frames], sigma, advantages, beta=0.3, adv_clip_max=5.0, train_beta=0.05)
     (want * 0.5).backward()
     # fp32 (the official script computes its weights in float64; the loss rounds them to fp32)
     torch.testing.assert_close(loss, want.detach().float(), rtol=1e-5, atol=1e-7)

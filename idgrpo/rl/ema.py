@@ -11,6 +11,22 @@ import torch
 EMA_SCHEDULES = ("interval", "identity_grpo")
 
 
+@contextlib.contextmanager
+def swapped_weights(params: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]):
+    """`weights` copied into `params` for the duration, the parameters' own values restored afterwards (the EMA's
+    evaluation, NFT's old policy)."""
+    backup = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, w in zip(params, weights, strict=True):
+            p.copy_(w)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, b in zip(params, backup, strict=True):
+                p.copy_(b)
+
+
 class EMA:
     """Exponential moving average of parameters with the Flow-GRPO warm-up decay min(decay, (1 + g) / (10 + g)).
 
@@ -52,19 +68,9 @@ class EMA:
         for _ in range(self.repeats):
             torch._foreach_lerp_(self.shadow, current, 1.0 - decay)
 
-    @contextlib.contextmanager
     def swapped(self):
         """Temporarily load the EMA weights into the parameters."""
-        backup = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, s in zip(self.params, self.shadow, strict=True):
-                p.copy_(s)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, b in zip(self.params, backup, strict=True):
-                    p.copy_(b)
+        return swapped_weights(self.params, self.shadow)
 
     def reset(self) -> None:
         """Restart the average from the current parameters."""

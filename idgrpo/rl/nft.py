@@ -24,13 +24,13 @@ micro-batching; and the loss covers the video frames only (reference slots are d
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 
 from idgrpo.kernels.nft_loss import nft_loss
 from idgrpo.rl.config import GRPOConfig
+from idgrpo.rl.ema import swapped_weights
 from idgrpo.rl.sampler import Branch, Conditioning, Policy, guided_velocity
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: seeds of (sample, inner epoch, level) never collide in practice
@@ -67,19 +67,9 @@ class OldPolicy:
         torch._foreach_lerp_(self.weights, [p.detach().float() for p in self.params], 1.0 - decay)
         return decay
 
-    @contextlib.contextmanager
     def swapped(self):
         """The old weights in the parameters for the duration (no gradient may flow through them)."""
-        backup = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, w in zip(self.params, self.weights, strict=True):
-                p.copy_(w)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, b in zip(self.params, backup, strict=True):
-                    p.copy_(b)
+        return swapped_weights(self.params, self.weights)
 
     def state_dict(self) -> dict:
         return {"weights": self.weights}
