@@ -153,7 +153,7 @@ def write_video(path: str | Path, frames: torch.Tensor, fps: int = 16, *, crf: i
             if codec == "libx264":
                 stream.options = {"crf": str(crf)}
             for i in range(t):
-                for packet in stream.encode(av.VideoFrame.from_ndarray(array[i], format="rgb24")):
+                for packet in stream.encode(_codec_frame(av, array[i], pix_fmt)):
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
@@ -161,6 +161,20 @@ def write_video(path: str | Path, frames: torch.Tensor, fps: int = 16, *, crf: i
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _codec_frame(av, rgb: np.ndarray, pix_fmt: str):
+    """An (H, W, 3) uint8 RGB frame as a new av.VideoFrame in the encoder's pixel format.
+
+    The conversion is done here, on one thread, and its result copied into a fresh frame before the encoder
+    sees it. Handing PyAV an rgb24 frame to convert inside `stream.encode` made the written file change from
+    run to run on a busy machine (docs/architecture.md, "Determinism"); this path wrote the same bytes every time.
+    """
+    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+    if pix_fmt == "rgb24":
+        return frame
+    converted = frame.reformat(format=pix_fmt, threads=1).to_ndarray()
+    return av.VideoFrame.from_ndarray(converted, format=pix_fmt)
 
 
 def write_image(path: str | Path, image: torch.Tensor) -> Path:
@@ -180,7 +194,7 @@ def write_image(path: str | Path, image: torch.Tensor) -> Path:
         with av.open(str(tmp), mode="w", format="image2") as container:
             stream = container.add_stream(codec, rate=1)
             stream.width, stream.height, stream.pix_fmt = array.shape[1], array.shape[0], pix_fmt
-            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+            for packet in stream.encode(_codec_frame(av, array, pix_fmt)):
                 container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)

@@ -37,8 +37,10 @@ GRPO_TOY = ["train-grpo", "tiny", "--epochs", "3", "--eval-every", "0", "--save-
             "--kl-beta", "0.004", "--guidance", "2.0"]
 GRPO_DIT = ["train-grpo", "tiny", "--model", "tiny", "--lora-rank", "4", "--lora-alpha", "8", "--epochs", "2",
             "--eval-every", "0", "--save-every", "2", "--kl-beta", "0.004"]
+# GIFs and no `reencode` kind: an mp4 round trip is not bit-repeatable (docs/architecture.md, "Determinism").
 SYNTH = ["synth-pairs", "--num-videos", "12", "--pairs-per-video", "4", "--frame-size", "32", "--num-frames", "5",
-         "--video-suffix", ".gif"]
+         "--video-suffix", ".gif", "--kinds", "swap", "drift", "blend", "clone", "remove", "mismatch", "photometric",
+         "crop"]
 REWARD = ["train-reward", "--preset", "tiny", "--epochs", "2", "--batch-size", "8", "--num-frames", "5"]
 
 CASES = {
