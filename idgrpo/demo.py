@@ -198,10 +198,11 @@ class DemoConfig:
     (DiffusionNFT on forward-noised clean samples of CFG-free Euler rollouts of the old policy)."""
     grpo_prompts: int = 64
     """Training prompt rows (world scenes: references + layout) for GRPO."""
-    grpo_epochs: int = 16
+    grpo_epochs: int = 12
     """GRPO epochs (rollout + update rounds)."""
-    prompts_per_epoch: int = 4
-    """Prompt rows per epoch (global)."""
+    prompts_per_epoch: int = 6
+    """Prompt rows per epoch (global). 6 rows for 12 epochs rather than 4 for 16 (about the same rollouts): less
+    noisy group advantages per update; seed 4 went from +12.7% to +18.5% (README, demo section)."""
     group_size: int = 8
     """Videos per prompt row (one advantage group)."""
     num_steps: int = 6
