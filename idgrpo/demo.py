@@ -202,7 +202,7 @@ class DemoConfig:
     """GRPO epochs (rollout + update rounds)."""
     prompts_per_epoch: int = 6
     """Prompt rows per epoch (global). 6 rows for 12 epochs rather than 4 for 16 (about the same rollouts): less
-    noisy group advantages per update; seed 4 went from +12.7% to +18.5% (README, demo section)."""
+    noisy group advantages per update; seed 4's full run went from +12.7% to +17.9% (README, demo section)."""
     group_size: int = 8
     """Videos per prompt row (one advantage group)."""
     num_steps: int = 6

@@ -168,7 +168,8 @@ def _codec_frame(av, rgb: np.ndarray, pix_fmt: str):
 
     The conversion is done here, on one thread, and its result copied into a fresh frame before the encoder
     sees it. Handing PyAV an rgb24 frame to convert inside `stream.encode` made the written file change from
-    run to run on a busy machine (docs/architecture.md, "Determinism"); this path wrote the same bytes every time.
+    run to run on a busy machine far more often (5 of 150 round trips, against 1 of 600 this way; the rest is in
+    the codec libraries: docs/architecture.md, "Determinism").
     """
     frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
     if pix_fmt == "rgb24":
